@@ -1,0 +1,128 @@
+"""Token-by-token decoding with a KV cache for LongVILA (greedy and sampling).
+
+Prompts of different lengths are left-padded into one batch; the attention context masks the padding
+keys and position ids start at 0 at each prompt's first real token, so every prompt is decoded exactly as
+it would be alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from longvila.model.attention import AttentionContext
+
+
+def _split_prompts(model, input_ids, pixel_values, cu_seqlens, sp):
+    """Embed the packed row once, then cut it into per-prompt (T_i, D) embeddings."""
+    input_ids = input_ids.to(model.device)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if sp is not None:
+        raise NotImplementedError("sequence-parallel generation needs `longvila.parallel` (MM-SP)")
+    embeds = model.embed(input_ids, pixel_values)
+    prompts = []
+    if cu_seqlens is not None:
+        if input_ids.shape[0] != 1:
+            raise ValueError("cu_seqlens describes one packed row; got several rows")
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                prompts.append(embeds[0, start:end])
+    else:
+        prompts = list(embeds)
+    return prompts
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator):
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the probability mass before it already reaches top_p (keeps at least one).
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _end_ids(model, eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = model.config.extra.get("eos_token_id")
+    if eos_token_id is None:
+        eos_token_id = getattr(model.llm.config, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(x) for x in eos_token_id]
+
+
+def generate_tokens(
+    model,
+    input_ids,
+    *,
+    pixel_values=None,
+    cu_seqlens=None,
+    max_new_tokens=32,
+    do_sample=False,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    eos_token_id=None,
+    pad_token_id=None,
+    generator=None,
+    streamer=None,
+    sp=None,
+) -> torch.Tensor:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    end_ids = _end_ids(model, eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = end_ids[0] if end_ids else 0
+    prompts = _split_prompts(model, input_ids, pixel_values, cu_seqlens, sp)
+    device = model.device
+    batch = len(prompts)
+    longest = max(p.shape[0] for p in prompts)
+    width = prompts[0].shape[-1]
+    embeds = prompts[0].new_zeros(batch, longest, width)
+    key_padding = torch.zeros(batch, longest, dtype=torch.bool, device=device)
+    lengths = torch.tensor([p.shape[0] for p in prompts], device=device)
+    for row, prompt in enumerate(prompts):
+        embeds[row, longest - prompt.shape[0] :] = prompt
+        key_padding[row, longest - prompt.shape[0] :] = True
+    position_ids = (torch.arange(longest, device=device)[None] - (longest - lengths)[:, None]).clamp(min=0)
+    ctx = AttentionContext(key_padding=None if bool(key_padding.all()) else key_padding)
+    cache = DynamicCache()
+    hidden = model._decoder(embeds, position_ids, ctx, cache=cache).last_hidden_state[:, -1]
+    head = model._head()
+    embedding = model.llm.get_input_embeddings()
+    end = torch.tensor(end_ids, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    new_tokens = []
+    next_pos = lengths.clone()
+    for _ in range(max_new_tokens):
+        token = _pick(head(hidden), do_sample, temperature, top_k, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        new_tokens.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        finished |= torch.isin(token, end)
+        if bool(finished.all()):
+            break
+        if ctx.key_padding is not None:
+            ctx.key_padding = torch.cat(
+                [ctx.key_padding, torch.ones(batch, 1, dtype=torch.bool, device=device)], 1
+            )
+        out = model._decoder(embedding(token[:, None]), next_pos[:, None], ctx, cache=cache)
+        hidden = out.last_hidden_state[:, -1]
+        next_pos += 1
+    if streamer is not None:
+        streamer.end()
+    return torch.stack(new_tokens, dim=1)

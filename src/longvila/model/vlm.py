@@ -1,0 +1,275 @@
+"""LongVILA: vision tower -> mlp_downsample projector -> causal LLM, over packed token rows.
+
+The processor expands every frame into `tokens_per_frame` copies of the `<image>` id followed by the id
+of "\\n", so `input_ids` already has the final sequence length: the model only replaces the embeddings at
+the `<image>` positions with the frames' projected features, in order.
+
+Sequence parallelism enters as a strategy object `sp` (see `longvila.parallel`); this module never imports
+torch.distributed. Shapes: B rows, T tokens, F frames, P tokens per frame, D LLM width.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from longvila.config import LongVILAConfig
+from longvila.model.attention import AttentionContext, register_attention
+from longvila.model.loss import IGNORE_INDEX, chunked_cross_entropy_sum, shift_labels
+from longvila.model.projector import MLPDownsampleProjector
+from longvila.model.vision import VisionTower
+
+
+@dataclass
+class LongVILAOutput:
+    loss: torch.Tensor | None = None
+    """Mean cross entropy over supervised tokens (the global mean under sequence parallelism)."""
+    logits: torch.Tensor | None = None
+    """(B, T, V) logits; only computed when no labels are given or `return_logits=True`."""
+    num_supervised: int = 0
+    """Supervised tokens behind `loss`."""
+
+
+def build_llm(llm_config: dict[str, Any], attn_implementation: str) -> nn.Module:
+    data = dict(llm_config)
+    model_type = data.pop("model_type")
+    config = AutoConfig.for_model(model_type, **data)
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """(n + 1,) boundaries -> (length,) sample index of each token."""
+    positions = torch.arange(length, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:-1].to(positions.dtype), positions, right=True)
+
+
+class LongVILA(nn.Module):
+    def __init__(
+        self,
+        config: LongVILAConfig,
+        *,
+        llm: nn.Module | None = None,
+        vision_tower: VisionTower | None = None,
+        mm_projector: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if config.image_token_id is None:
+            raise ValueError(
+                "config.image_token_id is not set (build the config with the processor's tokenizer)"
+            )
+        if config.attn_implementation == "longvila":
+            register_attention()
+        self.config = config
+        self.vision_tower = vision_tower or VisionTower.from_config(
+            config.vision, config.vision_select_layer, config.vision_micro_batch
+        )
+        self.mm_projector = mm_projector or MLPDownsampleProjector(
+            config.vision_hidden_size, config.llm_hidden_size
+        )
+        self.llm = llm if llm is not None else build_llm(config.llm, config.attn_implementation)
+        if llm is not None and config.attn_implementation == "longvila":
+            self.llm.set_attn_implementation("longvila")
+        decoder_params = inspect.signature(self.llm.get_decoder().forward).parameters
+        self._cache_kwarg = "cache" if "cache" in decoder_params else "past_key_values"
+
+    # ---- construction helpers (checkpoint.py does the file work) -------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> LongVILA:
+        """Load our own checkpoint directory or the official LongVILA/VILA layout."""
+        from longvila.model.checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype)
+
+    @classmethod
+    def from_parts(cls, llm_path: str | Path, vision_tower_path: str | Path, **config_overrides) -> LongVILA:
+        """Compose a model from local Hugging Face checkpoints of an LLM and a SigLIP tower; fresh projector."""
+        from longvila.model.checkpoint import compose_from_parts
+
+        return compose_from_parts(llm_path, vision_tower_path, **config_overrides)
+
+    def save_pretrained(self, path: str | Path, *, processor=None, max_shard_size: str | int = "5GB") -> None:
+        from longvila.model.checkpoint import save_pretrained
+
+        save_pretrained(self, path, processor=processor, max_shard_size=max_shard_size)
+
+    # ---- the pieces ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.llm.parameters()).dtype
+
+    def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(F, 3, S, S) normalised frames -> (F, P, D) LLM embeddings (vision tower + projector)."""
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (frames, 3, H, W), got {tuple(pixel_values.shape)}")
+        size = self.config.image_size
+        if pixel_values.shape[-2:] != (size, size):
+            raise ValueError(
+                f"pixel_values must be {size}x{size} (the processor resizes), got {tuple(pixel_values.shape)}"
+            )
+        features = self.vision_tower(pixel_values.to(self.device))
+        return self.mm_projector(features.to(self.mm_projector.layers[2].weight.dtype))
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, sp=None
+    ) -> torch.Tensor:
+        """Text embeddings with each frame's tokens spliced in at the `<image>` positions: (B, T, D).
+
+        Under `sp`, each rank encodes only its share of the frames (stage 1 of MM-SP) and the strategy
+        gathers them differentiably.
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        num_image_tokens = int(is_image.sum())
+        frames = 0 if pixel_values is None else pixel_values.shape[0]
+        expected = frames * self.config.tokens_per_frame
+        if num_image_tokens != expected:
+            raise ValueError(
+                f"input_ids hold {num_image_tokens} <image> tokens but pixel_values has {frames} frames "
+                f"x {self.config.tokens_per_frame} tokens = {expected}"
+            )
+        if frames == 0:
+            return embeds
+        if sp is not None:
+            local = sp.split_frames(pixel_values)
+            frame_embeds = sp.gather_frames(self.encode_frames(local), total=frames)
+        else:
+            frame_embeds = self.encode_frames(pixel_values)
+        flat = frame_embeds.reshape(-1, frame_embeds.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(is_image[..., None], flat)
+
+    def _decoder(self, embeds: torch.Tensor, position_ids: torch.Tensor, ctx: AttentionContext, cache=None):
+        kwargs = {"inputs_embeds": embeds, "position_ids": position_ids, "longvila_ctx": ctx}
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache
+            kwargs["use_cache"] = True
+        else:
+            kwargs["use_cache"] = False
+        return self.llm.get_decoder()(**kwargs)
+
+    def _head(self) -> nn.Linear:
+        return self.llm.get_output_embeddings()
+
+    # ---- training forward ----------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        sp=None,
+        return_logits: bool = False,
+        loss_chunk_size: int = 4096,
+        **unused: Any,
+    ) -> LongVILAOutput:
+        """Packed rows -> mean loss over supervised tokens (and logits on request).
+
+        input_ids, labels, position_ids: (B, T); cu_seqlens: (n + 1,) int32 boundaries of the packed
+        samples (B = 1) or None; pixel_values: (F, 3, S, S).
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, tokens), got {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        device = self.device
+        input_ids = input_ids.to(device)
+        if position_ids is None:
+            position_ids = torch.arange(length, device=device).expand(batch, -1)
+        position_ids = position_ids.to(device)
+        segment_ids = None
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+            if batch != 1:
+                raise ValueError("cu_seqlens describes one packed row; got a batch of several rows")
+            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length:
+                raise ValueError(f"cu_seqlens must start at 0 and end at {length}, got {cu_seqlens.tolist()}")
+            if cu_seqlens.numel() > 2:
+                segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, length)[None]
+        embeds = self.embed(input_ids, pixel_values, sp=sp)
+        if labels is not None:
+            targets = shift_labels(labels.to(device))
+            if segment_ids is not None:
+                # Never predict the first token of the next sample from the last token of this one.
+                crosses = torch.zeros_like(targets, dtype=torch.bool)
+                crosses[:, :-1] = segment_ids[:, 1:] != segment_ids[:, :-1]
+                targets = targets.masked_fill(crosses, IGNORE_INDEX)
+        if sp is not None:
+            return sp.model_forward(
+                self,
+                embeds,
+                position_ids,
+                cu_seqlens,
+                targets if labels is not None else None,
+                return_logits=return_logits,
+                loss_chunk_size=loss_chunk_size,
+            )
+        ctx = AttentionContext(segment_ids=segment_ids)
+        hidden = self._decoder(embeds, position_ids, ctx).last_hidden_state
+        out = LongVILAOutput()
+        head = self._head()
+        if labels is None or return_logits:
+            out.logits = head(hidden)
+        if labels is not None:
+            flat_targets = targets.reshape(-1)
+            count = int((flat_targets != IGNORE_INDEX).sum())
+            total = chunked_cross_entropy_sum(
+                hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_targets, head.bias, loss_chunk_size
+            )
+            out.loss = total / max(count, 1)
+            out.num_supervised = count
+        return out
+
+    # ---- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        streamer=None,
+        sp=None,
+        **unused: Any,
+    ) -> torch.Tensor:
+        """Continue every prompt of the (packed) batch; returns (num prompts, new tokens) LongTensor.
+
+        Prompts are the samples of a packed row (split at `cu_seqlens`) or the rows of `input_ids`.
+        Greedy by default; `do_sample=True` samples with temperature / top-k / top-p. Decoding stops at
+        `eos_token_id` (the model config's end ids by default); finished prompts are padded with
+        `pad_token_id`. `streamer` (HF-style, with `put(ids)` and `end()`) receives each new token.
+        """
+        from longvila.model.generation import generate_tokens
+
+        return generate_tokens(
+            self,
+            input_ids,
+            pixel_values=pixel_values,
+            cu_seqlens=cu_seqlens,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            generator=generator,
+            streamer=streamer,
+            sp=sp,
+        )

@@ -1,0 +1,167 @@
+"""The processor: chat layout, labels, frame preprocessing, packing, and clear errors on bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from longvila import LongVILAProcessor
+
+
+def video(frames=4, h=48, w=80, seed=0):
+    return np.random.default_rng(seed).integers(0, 255, (frames, h, w, 3), dtype=np.uint8)
+
+
+def test_chat_layout_and_labels_only_on_assistant_turns(tiny_processor):
+    p = tiny_processor
+    s = p(
+        [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi there"},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Bye now"},
+        ]
+    )
+    text = p.tokenizer.decode(s["input_ids"])
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\nHi there<|im_end|>\n"
+        "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nBye now<|im_end|>\n"
+    )
+    supervised = s["input_ids"][s["labels"] != -100]
+    assert p.tokenizer.decode(supervised) == "Hi there<|im_end|>Bye now<|im_end|>"
+    prompt = p([{"role": "user", "content": "Hello"}])
+    assert p.tokenizer.decode(prompt["input_ids"]).endswith("<|im_start|>assistant\n")
+    assert (prompt["labels"] == -100).all()
+
+
+def test_video_frames_become_image_tokens_each_followed_by_newline(tiny_processor):
+    p = tiny_processor
+    s = p(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": video(10)}, {"type": "text", "text": "Q?"}],
+            }
+        ],
+        num_frames=4,
+    )
+    assert s["pixel_values"].shape == (4, 3, p.image_size, p.image_size) and s["num_frames"] == [4]
+    ids = s["input_ids"].tolist()
+    first = ids.index(p.image_token_id)
+    block = [p.image_token_id] * p.tokens_per_frame + p.newline_ids
+    assert ids[first : first + 4 * len(block)] == block * 4
+    assert ids.count(p.image_token_id) == 4 * p.tokens_per_frame
+
+
+def test_placeholder_text_and_typed_parts_tokenise_identically(tiny_processor):
+    v = video()
+    typed = tiny_processor(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": v}, {"type": "text", "text": "What happens?"}],
+            }
+        ]
+    )
+    placeholder = tiny_processor([{"role": "user", "content": "<video>\nWhat happens?"}], videos=[v])
+    assert torch.equal(typed["input_ids"], placeholder["input_ids"])
+
+
+def test_frames_are_resized_and_normalised_like_siglip(tiny_processor):
+    white = np.full((1, 64, 64, 3), 255, dtype=np.uint8)
+    black = np.zeros((1, 30, 90, 3), dtype=np.uint8)
+    assert torch.allclose(tiny_processor.preprocess_frames(white), torch.ones(1, 3, 64, 64))
+    assert torch.allclose(tiny_processor.preprocess_frames(black), -torch.ones(1, 3, 64, 64))
+
+
+def test_uniform_subsampling_of_a_frame_array(tiny_processor):
+    v = np.zeros((9, 8, 8, 3), dtype=np.uint8)
+    v[:, 0, 0, 0] = np.arange(9) * 20
+    s = tiny_processor([{"role": "user", "content": "<video>"}], videos=[v], num_frames=3)
+    assert s["num_frames"] == [3]
+
+
+def test_collate_packs_with_restarting_positions_and_boundaries(tiny_processor):
+    a = tiny_processor([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])
+    b = tiny_processor(
+        [{"role": "user", "content": "<image>\nShape?"}, {"role": "assistant", "content": "star"}],
+        images=[video(1)[0]],
+    )
+    batch = tiny_processor.collate([a, b], pad_to_multiple_of=8)
+    la, lb = len(a["input_ids"]), len(b["input_ids"])
+    total = batch["input_ids"].shape[1]
+    assert total % 8 == 0 and total >= la + lb
+    assert batch["cu_seqlens"].tolist() == [0, la, total] and batch["cu_seqlens"].dtype == torch.int32
+    assert batch["position_ids"][0, :la].tolist() == list(range(la))
+    assert batch["position_ids"][0, la:].tolist() == list(range(total - la))
+    assert (batch["labels"][0, la + lb :] == -100).all()
+    assert batch["labels"][0, la] == -100
+    assert batch["pixel_values"].shape[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message", "error"),
+    [
+        (
+            {"content": "<video> and <video>", "videos": [video()]},
+            r"more <video> placeholders \(2\) than videos given \(1\)",
+            ValueError,
+        ),
+        (
+            {"content": "no placeholder", "videos": [video()]},
+            r"1 videos given but only 0 <video> placeholders",
+            ValueError,
+        ),
+        (
+            {"content": "<image>", "images": []},
+            r"more <image> placeholders \(1\) than images given \(0\)",
+            ValueError,
+        ),
+        (
+            {"content": "<video>", "videos": [np.zeros((0, 8, 8, 3), np.uint8)]},
+            "empty frame array",
+            ValueError,
+        ),
+        ({"content": "<video>", "videos": [np.zeros((2, 8, 8, 3), np.float32)]}, "must be uint8", ValueError),
+        (
+            {"content": "<video>", "videos": [np.zeros((2, 8, 8), np.uint8)]},
+            r"shape \(T, H, W, 3\)",
+            ValueError,
+        ),
+        ({"content": "<video>", "videos": [[1, 2, 3]]}, "expected a path or a uint8 numpy array", TypeError),
+    ],
+)
+def test_bad_media_input_gets_a_clear_error(tiny_processor, kwargs, message, error):
+    content = kwargs.pop("content")
+    with pytest.raises(error, match=message):
+        tiny_processor([{"role": "user", "content": content}], **kwargs)
+
+
+def test_bad_messages_get_a_clear_error(tiny_processor):
+    with pytest.raises(ValueError, match="role must be 'user' or 'assistant'"):
+        tiny_processor([{"role": "robot", "content": "hi"}])
+    with pytest.raises(ValueError, match="media may only stand in user turns"):
+        tiny_processor(
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "image", "image": video(1)[0]}]},
+            ]
+        )
+    with pytest.raises(ValueError, match="unknown content part type 'audio'"):
+        tiny_processor([{"role": "user", "content": [{"type": "audio", "audio": "x.wav"}]}])
+
+
+def test_processor_save_load_round_trip(tmp_path, tiny_processor):
+    tiny_processor.save_pretrained(tmp_path)
+    loaded = LongVILAProcessor.from_pretrained(tmp_path)
+    msgs = [{"role": "user", "content": "<video>\nWhat?"}]
+    assert torch.equal(
+        tiny_processor(msgs, videos=[video()])["input_ids"], loaded(msgs, videos=[video()])["input_ids"]
+    )
+    with pytest.raises(ValueError, match="not a longvila checkpoint"):
+        LongVILAProcessor.from_pretrained(tmp_path / "nothing")
+
+
+def test_decode_stops_at_end_of_turn(tiny_processor):
+    ids = tiny_processor.tokenizer.encode("red", add_special_tokens=False) + [tiny_processor.im_end_id, 5, 6]
+    assert tiny_processor.decode(torch.tensor(ids)) == "red"
