@@ -34,23 +34,30 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # Only supervised rows make logits: prompts and video tokens (most of a long sample) cost nothing.
             h = h[valid]
             t = t[valid]
-            logits = (h @ weight_VD.T).to(acc)
+            logits = h @ weight_VD.T
+            if logits.dtype != acc:
+                logits = logits.to(acc)
             if bias_V is not None:
                 logits += bias_V.to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # In place over the one (rows, V) buffer: logits -> exp(logits - max) -> softmax.
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(row_max).exp_()
+            sum_exp = exp.sum(dim=-1, keepdim=True)
+            lse = (row_max + sum_exp.log()).squeeze(1)
+            total += (lse - target_logit).sum()
             if needs_hidden or needs_weight or needs_bias:
-                # d(loss)/d(logits) = softmax - onehot, computed in place over the logits buffer.
-                grad_logits = logits.sub_(lse[:, None]).exp_()
+                # d(loss)/d(logits) = softmax - onehot.
+                grad_logits = exp.div_(sum_exp)
                 grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 if needs_hidden:
                     rows = torch.nonzero(valid).squeeze(1) + start
                     grad_hidden.index_copy_(0, rows, (grad_logits.to(weight_VD.dtype) @ weight_VD))
                 if needs_weight:
-                    grad_weight += grad_logits.T @ h.to(acc)
+                    grad_weight.addmm_(grad_logits.T, h.to(acc))
                 if needs_bias:
                     grad_bias += grad_logits.sum(0)
-            del logits
+            del exp, logits
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight_VD.dtype
         ctx.bias_dtype = bias_V.dtype if bias_V is not None else None

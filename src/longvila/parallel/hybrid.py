@@ -1,0 +1,107 @@
+"""2D sequence-parallel attention: Ulysses inside a node, the zigzag ring across nodes.
+
+With U = 1 this is pure ring attention, with R = 1 pure Ulysses, with both 1 plain local attention:
+one code path for every layout.
+
+Shapes: B batch, S this rank's share (T / (U * R)), N heads, H head dim; tensors (B, S, N, H).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longvila.parallel.attention import segment_ids_from_cu_seqlens
+from longvila.parallel.mesh import SequenceParallel, check_sequence_length
+from longvila.parallel.ring import RingPlan, ring_attention
+from longvila.parallel.ulysses import check_heads, gather_heads, replicate_kv_heads, scatter_heads
+
+
+def sp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sp: SequenceParallel | None = None,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Sequence-parallel attention of this rank's zigzag share (see `SequenceParallel.shard`).
+
+    q (B, S, Nq, H), k/v (B, S, Nk, H) -> (B, S, Nq, H) in q's dtype.
+    cu_seqlens: global boundaries of packed samples (int, starting at 0, ending at T = S * U * R),
+    the same on every rank and for every batch row; no token attends across them. Tokens at or
+    after cu_seqlens[-1], if it ends early, are padding: they see nothing and output 0.
+    scale: softmax scale, default H ** -0.5. `sp=None` means `SequenceParallel.single()`.
+    """
+    sp = SequenceParallel.single() if sp is None else sp
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"expected q (B, S, Nq, H) and k, v (B, S, Nk, H); got {q.shape}, {k.shape}, {v.shape}"
+        )
+    ulysses, ring = sp.ulysses_degree, sp.ring_degree
+    check_heads(q.shape[2], k.shape[2], ulysses)
+    total_len = q.shape[1] * sp.sp_degree
+    check_sequence_length(total_len, ring, ulysses)
+    segment_ids = None
+    if cu_seqlens is not None:
+        segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, total_len).to(q.device)
+    plan = RingPlan(
+        group=sp.ring_group,
+        ring_rank=sp.ring_rank,
+        ring_degree=ring,
+        causal=causal,
+        scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+        total_len=total_len,
+        segment_ids=segment_ids,
+    )
+    k, v = replicate_kv_heads(k, ulysses), replicate_kv_heads(v, ulysses)
+    q, k, v = (scatter_heads(x, sp.ulysses_group) for x in (q, k, v))
+    return gather_heads(ring_attention(q, k, v, plan), sp.ulysses_group)
+
+
+def sp_attention_comm_bytes(
+    *,
+    batch: int,
+    total_len: int,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    ulysses_degree: int,
+    ring_degree: int,
+    element_bytes: int,
+    accumulation_bytes: int = 4,
+) -> dict[str, dict[str, int]]:
+    """Bytes one rank receives (= sends) in one `sp_attention` call, by pass and collective kind.
+
+    With S = T / (U R) tokens per rank, Nk' = max(Nk, U) K/V heads after replication, e the element
+    size and e_acc the dK/dV accumulation size (4; 8 for float64):
+      all_to_all, forward = backward: (2 Nq + 2 Nk') * B * S * H * e * (U - 1) / U
+          (q, k, v scattered to heads, the output gathered back; the backward moves dO, dQ, dK, dV);
+      ring_p2p, forward: (R - 1) * 2 * B * (T / R) * (Nk' / U) * H * e        (K/V, R - 1 hops)
+      ring_p2p, backward: the same again for K/V, plus R * 2 * B * (T / R) * (Nk' / U) * H * e_acc
+          (dK/dV make R hops so that they end at their owner).
+    Kinds that move nothing are left out. See docs/parallelism.md.
+    """
+    ulysses, ring = ulysses_degree, ring_degree
+    local_len = total_len // (ulysses * ring)
+    kv_heads = max(kv_heads, ulysses)
+    forward: dict[str, int] = {}
+    backward: dict[str, int] = {}
+    if ulysses > 1:
+        a2a = (
+            (2 * q_heads + 2 * kv_heads)
+            * batch
+            * local_len
+            * head_dim
+            * element_bytes
+            * (ulysses - 1)
+            // ulysses
+        )
+        forward["all_to_all"] = backward["all_to_all"] = a2a
+    if ring > 1:
+        kv_elements = 2 * batch * (total_len // ring) * (kv_heads // ulysses) * head_dim
+        forward["ring_p2p"] = (ring - 1) * kv_elements * element_bytes
+        backward["ring_p2p"] = (
+            ring - 1
+        ) * kv_elements * element_bytes + ring * kv_elements * accumulation_bytes
+    return {"forward": forward, "backward": backward}
