@@ -1,0 +1,225 @@
+"""Sampling N frames from long videos: `decode_frames` (cost-model choice of seek vs one pass) against a
+naive PyAV pass that decodes and converts every frame, measured in the same run.
+
+    python benchmarks/decode.py                       # 10-minute and 1-hour videos, N = 64, 256, 1024
+    python benchmarks/decode.py --minutes 0.1 --frames 8 --no-write    # smoke run
+
+The videos are synthesised (H.264, 30 fps, a keyframe every 250 frames, x264 ultrafast) and cached
+under --cache; their generation time is reported separately. Writes the "Video decoding" section of
+benchmarks/RESULTS.md unless --no-write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+from longvila.data.video import decode_frames, plan_decode, probe_video, sample_indices
+
+SECTION = "## Video decoding"
+
+
+def synthesise(path: Path, minutes: float, width: int, height: int, rate: int, gop: int) -> float:
+    """Write a moving-texture H.264 video; returns the seconds it took (0 when cached)."""
+    if path.exists():
+        return 0.0
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    # A texture twice the frame size, panned one pixel per frame: cheap to make, not trivial to code.
+    luma = rng.integers(16, 235, (2 * height, 2 * width), dtype=np.uint8)
+    chroma = rng.integers(64, 192, (height, width), dtype=np.uint8)
+    num_frames = int(round(minutes * 60 * rate))
+    tmp = path.with_suffix(".part.mp4")
+    with av.open(str(tmp), "w") as container:
+        stream = container.add_stream(
+            "libx264",
+            rate=rate,
+            options={
+                "preset": "ultrafast",
+                "crf": "28",
+                "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0",
+            },
+        )
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(num_frames):
+            dx, dy = i % width, (i // 3) % height
+            y = luma[dy : dy + height, dx : dx + width]
+            u = chroma[(dy // 2) % (height // 2) :][: height // 2, : width // 2]
+            u = np.pad(u, ((0, height // 2 - u.shape[0]), (0, 0)), mode="wrap")
+            v = np.roll(u, i % 7, axis=1)
+            yuv = np.concatenate([y, u.reshape(-1, width), v.reshape(-1, width)])
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(yuv), format="yuv420p")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    tmp.rename(path)
+    return time.perf_counter() - start
+
+
+def naive_decode(path: Path, keep: set[int]) -> tuple[dict[int, np.ndarray], int, float, float]:
+    """One threaded pass converting every frame to RGB, as a simple loader does; keeps `keep`.
+
+    Returns the kept frames, the frame count, the total time and the part spent converting.
+    """
+    start = time.perf_counter()
+    kept, count, convert_s = {}, 0, 0.0
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for count, frame in enumerate(container.decode(stream), start=1):
+            t0 = time.perf_counter()
+            rgb = frame.to_ndarray(format="rgb24")
+            convert_s += time.perf_counter() - t0
+            if count - 1 in keep:
+                kept[count - 1] = rgb
+    return kept, count, time.perf_counter() - start, convert_s
+
+
+def timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def run_video(path: Path, frame_counts: list[int], strategies: bool) -> list[dict]:
+    info, scan_s = timed(probe_video, path)
+    wanted = {int(i) for n in frame_counts for i in sample_indices(info.timestamps, num_frames=n)}
+    all_frames, count, naive_s, convert_s = naive_decode(path, wanted)
+    # Per-frame costs measured in the naive pass: the cost model's frames become seconds.
+    decode_per_frame = (naive_s - convert_s) / count
+    convert_per_frame = convert_s / count
+    if count != info.num_frames:
+        raise SystemExit(f"{path}: naive pass found {count} frames, probe {info.num_frames}")
+    rows = []
+    for n in frame_counts:
+        indices = sample_indices(info.timestamps, num_frames=n)
+        plan = plan_decode(sorted(set(indices.tolist())), info.keyframe)
+        (frames, _), auto_s = timed(decode_frames, path, num_frames=n)
+        expected = np.stack([all_frames[i] for i in indices])
+        if not np.array_equal(frames, expected):
+            raise SystemExit(f"{path}: decode_frames({n}) differs from the naive pass")
+        row = {
+            "video": path.stem,
+            "frames": info.num_frames,
+            "n": n,
+            "plan": plan,
+            "auto_s": auto_s,
+            "naive_s": naive_s,
+            "scan_s": scan_s,
+            "predicted": naive_s
+            / (
+                scan_s
+                + min(plan.seek_cost, plan.sequential_cost) * decode_per_frame
+                + len(set(indices.tolist())) * convert_per_frame
+            ),
+        }
+        for strategy in ("seek", "sequential") if strategies else ():
+            _, row[f"{strategy}_s"] = timed(decode_frames, path, num_frames=n, strategy=strategy)
+        rows.append(row)
+    del all_frames
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| video | frames | N | chosen | seeks | auto s | seek s | one pass s | naive s | ratio | model |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        seek = f"{r['seek_s']:.2f}" if "seek_s" in r else "–"
+        seq = f"{r['sequential_s']:.2f}" if "sequential_s" in r else "–"
+        lines.append(
+            f"| {r['video']} | {r['frames']} | {r['n']} | {r['plan'].strategy} | {r['plan'].num_seeks} "
+            f"| {r['auto_s']:.2f} | {seek} | {seq} | {r['naive_s']:.2f} "
+            f"| {r['naive_s'] / r['auto_s']:.1f}× | {r['predicted']:.1f}× |"
+        )
+    return "\n".join(lines)
+
+
+def write_results(results: Path, body: str) -> None:
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    section = f"{SECTION}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text).rstrip() + "\n"
+    else:
+        text = text.rstrip() + "\n\n" + section
+    results.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, nargs="+", default=[10, 60], help="video lengths")
+    parser.add_argument("--frames", type=int, nargs="+", default=[64, 256, 1024], help="frames to sample")
+    parser.add_argument("--size", default="320x180", help="WxH of the synthesised videos")
+    parser.add_argument("--gop", type=int, default=250, help="frames between keyframes")
+    parser.add_argument("--rate", type=int, default=30, help="frames per second")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "longvila_bench_decode",
+        help="video cache",
+    )
+    parser.add_argument(
+        "--strategy-minutes",
+        type=float,
+        default=10,
+        help="also time forced seek and one pass up to this length",
+    )
+    parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.size.split("x"))
+    args.cache.mkdir(parents=True, exist_ok=True)
+
+    rows, generation = [], []
+    for minutes in args.minutes:
+        name = f"h264_{minutes:g}min_{width}x{height}_gop{args.gop}.mp4"
+        path = args.cache / name
+        gen_s = synthesise(path, minutes, width, height, args.rate, args.gop)
+        generation.append(f"{name}: {'cached' if gen_s == 0 else f'{gen_s:.1f} s'}")
+        print(f"[{name}] generated in {gen_s:.1f} s" if gen_s else f"[{name}] cached", flush=True)
+        new = run_video(path, args.frames, strategies=minutes <= args.strategy_minutes)
+        print(format_table(new), flush=True)
+        rows += new
+
+    table = format_table(rows)
+    scans = ", ".join(f"{r['video']} {r['scan_s']:.2f} s" for r in rows[:: len(args.frames)])
+    command = "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    body = f"""Sampling N frames uniformly (`decode_frames(path, num_frames=N)`) against a naive one-pass PyAV
+decode that converts every frame to RGB (threaded, timed once per video: it does not depend on N).
+Every sampled frame was checked equal to the naive pass's frame at the same index.
+`chosen` is the cost model's strategy ("seek" decodes on where that is cheaper than a seek), `ratio`
+= naive / auto time, `model` = the ratio the cost model predicts: naive time / (packet scan + frames
+the plan decodes × decode time per frame + sampled frames × RGB time per frame), with the per-frame
+times measured in the naive pass (seek overhead left out). The auto time includes the packet scan
+({scans}).
+
+{table}
+
+- Videos: H.264 {width}×{height}, {args.rate} fps, keyframe every {args.gop} frames, x264 ultrafast;
+  generation time (not in the table): {"; ".join(generation)}.
+- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()};
+  Python {platform.python_version()}, PyAV {av.__version__} (libavcodec {".".join(map(str, av.library_versions["libavcodec"]))}), numpy {np.__version__}.
+- Command: `{command}`
+"""
+    print(body)
+    if not args.no_write:
+        write_results(args.results, body)
+        print(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,394 @@
+"""Seeded synthetic data for every training stage and for V-NIAH, written as real files + manifests.
+
+| set | file | stage |
+|---|---|---|
+| image and video captions | captions.jsonl | 1 alignment, 2 pre-training |
+| short-video QA (colour, shape, direction; two turns) | video_qa.jsonl | 3 short SFT |
+| passkey retrieval in filler text | passkey.jsonl | 4 context extension |
+| long-video needle QA (one flat-colour run in noise) | needle_qa.jsonl | 5 long SFT |
+| V-NIAH haystack video + needle images | vniah/needles.json | evaluation |
+
+Videos are H.264 MP4 (libx264, one thread, crf 10: needles are large flat colours, which survive
+coding). Same seed, same bytes: manifests always; videos too with this PyAV/x264 build (x264 with
+threads=1 is deterministic and the MP4 muxer writes no dates).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "cyan": (30, 210, 220),
+    "magenta": (210, 40, 200),
+    "orange": (245, 140, 20),
+    "purple": (110, 30, 150),
+    "white": (250, 250, 250),
+    "black": (5, 5, 5),
+}
+SHAPES = ("square", "circle", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+# Seven-segment layout: segments a..g lit for each digit.
+_SEGMENTS = {
+    0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg",
+    5: "acdfg", 6: "acdefg", 7: "abc", 8: "abcdefg", 9: "abcdfg",
+}  # fmt: skip
+SETS = ("captions", "video_qa", "passkey", "needle_qa", "vniah")
+
+
+def _rng(seed: int, name: str) -> np.random.Generator:
+    """An independent stream per set, so adding a set never changes another's data."""
+    return np.random.default_rng([seed, SETS.index(name)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Drawing
+
+
+def shape_mask(shape: str, size: int, cx: float, cy: float, radius: float) -> np.ndarray:
+    """Boolean (size, size) mask of a square, circle or triangle centred at (cx, cy)."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dx, dy = x - cx, y - cy
+    if shape == "square":
+        return (np.abs(dx) <= radius) & (np.abs(dy) <= radius)
+    if shape == "circle":
+        return dx**2 + dy**2 <= radius**2
+    if shape == "triangle":  # apex up, base at cy + radius
+        return (dy <= radius) & (dy >= -radius) & (np.abs(dx) <= (dy + radius) / 2)
+    raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")
+
+
+def draw_digit(frame: np.ndarray, digit: int, colour: tuple[int, int, int]) -> np.ndarray:
+    """Draw `digit` as a thick seven-segment figure filling the middle of `frame` (in place)."""
+    h, w = frame.shape[:2]
+    t = max(2, w // 8)  # stroke
+    left, right, top, mid, bottom = w // 4, w - w // 4, h // 8, h // 2, h - h // 8
+    boxes = {
+        "a": (top, top + t, left, right),
+        "b": (top, mid, right - t, right),
+        "c": (mid, bottom, right - t, right),
+        "d": (bottom - t, bottom, left, right),
+        "e": (mid, bottom, left, left + t),
+        "f": (top, mid, left, left + t),
+        "g": (mid - t // 2, mid + (t + 1) // 2, left, right),
+    }
+    for segment in _SEGMENTS[digit]:
+        y0, y1, x0, x1 = boxes[segment]
+        frame[y0:y1, x0:x1] = colour
+    return frame
+
+
+def noise_frame(rng: np.random.Generator, size: int, block: int = 8) -> np.ndarray:
+    """Greyish block noise: busy, but never one flat colour, so it cannot pass for a needle."""
+    cells = rng.integers(60, 190, (size // block, size // block, 1), dtype=np.uint8)
+    tint = rng.integers(-20, 21, (size // block, size // block, 3))
+    small = np.clip(cells.astype(np.int16) + tint, 0, 255).astype(np.uint8)
+    return np.repeat(np.repeat(small, block, axis=0), block, axis=1)
+
+
+def moving_shape_frames(
+    shape: str, colour: str, background: str, direction: str, num_frames: int, size: int
+) -> np.ndarray:
+    """(T, size, size, 3): a shape crossing the frame in `direction` over a flat background."""
+    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    radius = size / 6
+    dx, dy = DIRECTIONS[direction]
+    for i in range(num_frames):
+        progress = i / max(num_frames - 1, 1)  # 0 -> 1
+        offset = (progress - 0.5) * (size - 3 * radius)
+        cx, cy = size / 2 + dx * offset, size / 2 + dy * offset
+        frames[i] = COLOURS[background]
+        frames[i][shape_mask(shape, size, cx, cy, radius)] = COLOURS[colour]
+    return frames
+
+
+def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 8, crf: int = 10) -> Path:
+    """Encode RGB frames as H.264 MP4, deterministically (one encoder thread)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = None
+        for i, rgb in enumerate(frames):
+            if stream is None:
+                opts = {"crf": str(crf), "preset": "veryfast", "threads": "1", "g": str(4 * fps)}
+                stream = container.add_stream("libx264", rate=fps, options=opts)
+                stream.height, stream.width = rgb.shape[:2]
+                stream.pix_fmt = "yuv420p"
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        if stream is None:
+            raise ValueError(f"{path}: no frames to write")
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8", newline="\n") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def _turns(*pairs: tuple[str, str]) -> list[dict]:
+    out = []
+    for question, answer in pairs:
+        out += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return out
+
+
+def _pick(rng: np.random.Generator, options, exclude=()) -> str:
+    choices = [o for o in options if o not in exclude]
+    return choices[int(rng.integers(len(choices)))]
+
+
+# --------------------------------------------------------------------------------------------------
+# The sets
+
+
+def make_captions(
+    out_dir: str | os.PathLike, seed: int = 0, num_images: int = 16, num_videos: int = 8, size: int = 64
+) -> Path:
+    """Image and short-video captions (stages 1-2): "A red circle on a blue background." """
+    out, rng = Path(out_dir), _rng(seed, "captions")
+    records = []
+    for i in range(num_images):
+        shape, colour = _pick(rng, SHAPES), _pick(rng, COLOURS)
+        background = _pick(rng, COLOURS, exclude=(colour,))
+        image = np.empty((size, size, 3), dtype=np.uint8)
+        image[:] = COLOURS[background]
+        image[shape_mask(shape, size, size / 2, size / 2, size / 4)] = COLOURS[colour]
+        rel = f"captions/image_{i:04d}.png"
+        (out / "captions").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(out / rel)
+        caption = f"A {colour} {shape} on a {background} background."
+        records.append(
+            {
+                "id": f"caption-image-{i}",
+                "image": rel,
+                "conversations": _turns(("<image>\nDescribe the image.", caption)),
+            }
+        )
+    for i in range(num_videos):
+        shape, colour, direction = _pick(rng, SHAPES), _pick(rng, COLOURS), _pick(rng, DIRECTIONS)
+        background = _pick(rng, COLOURS, exclude=(colour,))
+        rel = f"captions/video_{i:04d}.mp4"
+        write_mp4(out / rel, moving_shape_frames(shape, colour, background, direction, 16, size))
+        caption = f"A {colour} {shape} moves {direction} across a {background} background."
+        records.append(
+            {
+                "id": f"caption-video-{i}",
+                "video": rel,
+                "conversations": _turns(("<video>\nDescribe the video.", caption)),
+            }
+        )
+    return _write_jsonl(out / "captions.jsonl", records)
+
+
+def make_video_qa(
+    out_dir: str | os.PathLike, seed: int = 0, num: int = 16, num_frames: int = 16, size: int = 64
+) -> Path:
+    """Short-video QA (stage 3), two turns: what shape and colour, then which way it moves."""
+    out, rng = Path(out_dir), _rng(seed, "video_qa")
+    records = []
+    for i in range(num):
+        shape, colour, direction = _pick(rng, SHAPES), _pick(rng, COLOURS), _pick(rng, DIRECTIONS)
+        background = _pick(rng, COLOURS, exclude=(colour,))
+        rel = f"video_qa/{i:04d}.mp4"
+        write_mp4(out / rel, moving_shape_frames(shape, colour, background, direction, num_frames, size))
+        conversations = _turns(
+            ("<video>\nWhat moves in the video?", f"A {colour} {shape}."),
+            ("Which way does it move? Answer with one word.", direction),
+        )
+        records.append({"id": f"video-qa-{i}", "video": rel, "conversations": conversations})
+    return _write_jsonl(out / "video_qa.jsonl", records)
+
+
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+).split()
+
+
+def passkey_text(rng: np.random.Generator, length: int, depth: float) -> tuple[str, str]:
+    """`length` words of filler with "The pass key is NNNNN. Remember it." at `depth` (0..1)."""
+    key = str(int(rng.integers(10_000, 100_000)))
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key.".split()
+    filler = [FILLER[i % len(FILLER)] for i in range(max(length - len(needle), 0))]
+    cut = int(round(depth * len(filler)))
+    # Start the needle on a sentence boundary so it reads as its own sentences.
+    while 0 < cut < len(filler) and not filler[cut - 1].endswith("."):
+        cut -= 1
+    return " ".join(filler[:cut] + needle + filler[cut:]), key
+
+
+def make_passkey(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    num: int = 16,
+    length: int = 2000,
+    depths: Iterable[float] | None = None,
+) -> Path:
+    """Text-only passkey retrieval at about `length` words (stage 4, context extension)."""
+    out, rng = Path(out_dir), _rng(seed, "passkey")
+    depths = list(depths) if depths is not None else [0.0, 0.25, 0.5, 0.75, 1.0]
+    records = []
+    for i in range(num):
+        depth = depths[i % len(depths)]
+        text, key = passkey_text(rng, length, depth)
+        question = f"There is a pass key hidden in this text. Find it.\n{text}\nWhat is the pass key?"
+        records.append({"id": f"passkey-{i}", "depth": depth, "conversations": _turns((question, key))})
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_jsonl(out / "passkey.jsonl", records)
+
+
+def needle_run_length(num_frames: int, min_sample_frames: int) -> int:
+    """Frames the needle must last so any uniform sample of >= min_sample_frames frames hits it."""
+    return int(np.ceil((num_frames - 1) / max(min_sample_frames - 1, 1))) + 1
+
+
+def make_needle_qa(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    num: int = 8,
+    num_frames: int = 128,
+    size: int = 64,
+    depths: Iterable[float] | None = None,
+    min_sample_frames: int = 16,
+) -> Path:
+    """Long-video needle QA (stage 5): noise frames with one run of a flat colour at a depth.
+
+    The needle lasts `needle_run_length(num_frames, min_sample_frames)` frames, so sampling at
+    least `min_sample_frames` frames uniformly always shows it. The record keeps `needle`
+    (colour, depth, first frame, length) for checking.
+    """
+    out, rng = Path(out_dir), _rng(seed, "needle_qa")
+    depths = list(depths) if depths is not None else [0.0, 0.25, 0.5, 0.75, 1.0]
+    run = needle_run_length(num_frames, min_sample_frames)
+    question = (
+        "<video>\nOne moment of this video is a single flat colour. Which colour is it? Answer with one word."
+    )
+    records = []
+    for i in range(num):
+        depth, colour = depths[i % len(depths)], _pick(rng, COLOURS)
+        start = int(round(depth * (num_frames - run)))
+        frames = np.stack([noise_frame(rng, size) for _ in range(num_frames)])
+        frames[start : start + run] = COLOURS[colour]
+        rel = f"needle_qa/{i:04d}.mp4"
+        write_mp4(out / rel, frames)
+        needle = {"colour": colour, "depth": depth, "start_frame": start, "num_frames": run}
+        records.append(
+            {"id": f"needle-{i}", "video": rel, "needle": needle, "conversations": _turns((question, colour))}
+        )
+    return _write_jsonl(out / "needle_qa.jsonl", records)
+
+
+def make_vniah(
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    haystack_seconds: int = 120,
+    fps: int = 2,
+    size: int = 64,
+    num_needles: int = 10,
+) -> Path:
+    """The V-NIAH haystack video and needle set (evaluation; REFERENCE.md "V-NIAH").
+
+    Writes vniah/haystack.mp4 (drifting colour fields with noise), vniah/needles/NN.png (a coloured
+    digit on white) and vniah/needles.json: {"haystack", "fps", "needles": [{"image", "question",
+    "answer"}]}; questions alternate between the digit and its colour.
+    """
+    out, rng = Path(out_dir) / "vniah", _rng(seed, "vniah")
+    (out / "needles").mkdir(parents=True, exist_ok=True)
+    num_frames = haystack_seconds * fps
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    phases = rng.uniform(0, 2 * np.pi, 3)
+
+    def haystack():
+        for i in range(num_frames):
+            t = i / num_frames * 2 * np.pi
+            base = np.stack([np.sin(3 * x + t + phases[c]) * np.cos(2 * y - t) for c in range(3)], axis=-1)
+            grain = rng.normal(0, 0.15, (size, size, 3))
+            yield np.clip((base + grain) * 70 + 128, 0, 255).astype(np.uint8)
+
+    write_mp4(out / "haystack.mp4", haystack(), fps=fps)
+    needles = []
+    for i in range(num_needles):
+        digit, colour = int(rng.integers(10)), _pick(rng, COLOURS, exclude=("white",))
+        image = np.full((size, size, 3), 255, dtype=np.uint8)
+        draw_digit(image, digit, COLOURS[colour])
+        rel = f"needles/{i:02d}.png"
+        Image.fromarray(image).save(out / rel)
+        if i % 2 == 0:
+            needles.append(
+                {"image": rel, "question": "What number is written in the image?", "answer": str(digit)}
+            )
+        else:
+            needles.append(
+                {"image": rel, "question": "What colour is the number in the image?", "answer": colour}
+            )
+    index = {"haystack": "haystack.mp4", "fps": fps, "num_frames": num_frames, "needles": needles}
+    path = out / "needles.json"
+    path.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+# Sizes for generate_all: (full, quick).
+SIZES = {
+    "captions": ({"num_images": 64, "num_videos": 32}, {"num_images": 4, "num_videos": 2}),
+    "video_qa": ({"num": 64}, {"num": 4, "num_frames": 8}),
+    "passkey": ({"num": 32, "length": 4000}, {"num": 4, "length": 300}),
+    "needle_qa": ({"num": 32, "num_frames": 256}, {"num": 3, "num_frames": 48, "min_sample_frames": 8}),
+    "vniah": ({"haystack_seconds": 600}, {"haystack_seconds": 20, "num_needles": 4}),
+}
+STAGES = {
+    "align": "captions.jsonl",
+    "pretrain": "captions.jsonl",
+    "short_sft": "video_qa.jsonl",
+    "context_extension": "passkey.jsonl",
+    "long_sft": "needle_qa.jsonl",
+    "vniah": "vniah/needles.json",
+}
+
+
+def generate_all(
+    out_dir: str | os.PathLike, seed: int = 0, quick: bool = False, sizes: dict[str, dict] | None = None
+) -> dict[str, Path]:
+    """Every set into `out_dir`, plus index.json mapping training stages to manifests.
+
+    `sizes` overrides the keyword arguments of a set, e.g. {"needle_qa": {"num_frames": 512}}.
+    Returns {set name: manifest path}.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    makers = {
+        "captions": make_captions,
+        "video_qa": make_video_qa,
+        "passkey": make_passkey,
+        "needle_qa": make_needle_qa,
+        "vniah": make_vniah,
+    }
+    paths = {}
+    for name, maker in makers.items():
+        kwargs = dict(SIZES[name][1 if quick else 0])
+        kwargs.update((sizes or {}).get(name, {}))
+        paths[name] = maker(out, seed=seed, **kwargs)
+    index = {
+        "seed": seed,
+        "quick": quick,
+        "media_root": ".",
+        "stages": STAGES,
+        "sets": {k: str(p.relative_to(out)) for k, p in paths.items()},
+    }
+    (out / "index.json").write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    return paths

@@ -1,0 +1,140 @@
+"""Synthetic sets: reproducible bytes, readable manifests, needles that survive coding, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from longvila.cli import main as cli_main
+from longvila.data.image import load_image
+from longvila.data.manifest import read_manifest, record_to_messages
+from longvila.data.synthetic import COLOURS, generate_all, needle_run_length, passkey_text
+from longvila.data.video import decode_frames, probe_video
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate_all(out, seed=0, quick=True)
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(synth, tmp_path):
+    generate_all(tmp_path / "again", seed=0, quick=True)
+    first, again = _files(synth), _files(tmp_path / "again")
+    assert first.keys() == again.keys()
+    manifests = [k for k in first if k.endswith((".jsonl", ".json"))]
+    assert len(manifests) == 6  # five sets + index.json
+    assert all(first[k] == again[k] for k in manifests)
+    videos = [k for k in first if k.endswith(".mp4")]
+    assert videos and all(first[k] == again[k] for k in videos)  # x264, one thread: deterministic
+    generate_all(tmp_path / "other", seed=1, quick=True)
+    other = _files(tmp_path / "other")
+    assert other["needle_qa.jsonl"] != first["needle_qa.jsonl"]
+
+
+def test_every_manifest_reads_and_converts(synth):
+    index = json.loads((synth / "index.json").read_text())
+    assert set(index["stages"]) == {
+        "align",
+        "pretrain",
+        "short_sft",
+        "context_extension",
+        "long_sft",
+        "vniah",
+    }
+    for name in ("captions", "video_qa", "passkey", "needle_qa"):
+        records = list(read_manifest(synth / f"{name}.jsonl"))
+        assert records
+        for record in records:
+            messages = record_to_messages(
+                record, synth, load_video=lambda p: decode_frames(p, num_frames=4)[0]
+            )
+            assert messages[0]["role"] == "user" and messages[-1]["role"] == "assistant"
+            for part in messages[0]["content"]:
+                if part["type"] == "video":
+                    assert part["video"].dtype == np.uint8 and part["video"].shape[1:] == (64, 64, 3)
+                if part["type"] == "image":
+                    assert Path(part["image"]).exists()
+    video_qa = list(read_manifest(synth / "video_qa.jsonl"))
+    assert len(video_qa[0].data["conversations"]) == 4  # two turns
+
+
+def _nearest_colour(pixel: np.ndarray) -> str:
+    return min(COLOURS, key=lambda name: float(np.sum((np.asarray(COLOURS[name]) - pixel) ** 2)))
+
+
+def test_needles_survive_coding_and_any_uniform_sample_sees_them(synth):
+    for record in read_manifest(synth / "needle_qa.jsonl"):
+        needle = record.data["needle"]
+        path = synth / record.data["video"]
+        total = probe_video(path).num_frames
+        assert needle["num_frames"] >= needle_run_length(total, 8)
+        for n in (8, 13):
+            frames, _ = decode_frames(path, num_frames=n)
+            flat = [f for f in frames if f.reshape(-1, 3).std(axis=0).max() < 6]
+            assert flat, (record.where, n)
+            answer = record.data["conversations"][1]["value"]
+            assert all(_nearest_colour(f.reshape(-1, 3).mean(axis=0)) == answer for f in flat)
+
+
+def test_vniah_set(synth):
+    index = json.loads((synth / "vniah" / "needles.json").read_text())
+    haystack = synth / "vniah" / index["haystack"]
+    assert probe_video(haystack).num_frames == index["num_frames"]
+    for needle in index["needles"]:
+        image = load_image(synth / "vniah" / needle["image"])
+        assert image.shape == (64, 64, 3) and needle["question"] and needle["answer"]
+        if needle["question"].startswith("What colour"):
+            ink = image.reshape(-1, 3)[image.reshape(-1, 3).min(axis=1) < 200].mean(axis=0)
+            assert _nearest_colour(ink) == needle["answer"]
+
+
+def test_passkey_length_and_depth():
+    rng = np.random.default_rng(0)
+    text, key = passkey_text(rng, 500, 0.5)
+    words = text.split()
+    assert abs(len(words) - 500) <= 1 and f"{key}." in words
+    position = words.index(f"{key}.") / len(words)
+    assert 0.4 < position < 0.6
+    text0, key0 = passkey_text(rng, 200, 0.0)
+    assert text0.startswith(f"The pass key is {key0}.")
+
+
+def test_cli_synth_and_placeholders(tmp_path, capsys):
+    assert cli_main(["data", "synth", "--out", str(tmp_path / "d"), "--seed", "3", "--quick"]) == 0
+    assert "wrote 5 sets" in capsys.readouterr().out
+    assert (tmp_path / "d" / "index.json").exists()
+    assert cli_main(["data", "long-sft"]) == 2
+    assert "not yet implemented" in capsys.readouterr().err
+
+
+def test_decode_benchmark_smoke(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "decode.py"),
+            "--minutes",
+            "0.1",
+            "--frames",
+            "8",
+            "--no-write",
+        ]
+        + ["--cache", str(tmp_path), "--size", "96x64"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| h264_0.1min_96x64_gop250 | 180 | 8 |" in result.stdout

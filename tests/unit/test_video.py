@@ -1,0 +1,254 @@
+"""Video decoding: exact frames in every codec/container, both strategies, VFR, rotation, bad files."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from _video_helpers import (
+    CODECS,
+    available_encoders,
+    code_frame,
+    expected_fps_indices,
+    read_codes,
+    vfr_timestamps,
+    write_video,
+)
+
+from longvila.data import video as video_mod
+from longvila.data.errors import ImageDecodeError, VideoDecodeError
+from longvila.data.image import load_image
+from longvila.data.video import (
+    available_backends,
+    decode_frames,
+    plan_decode,
+    probe_video,
+    register_backend,
+    sample_indices,
+    uniform_indices,
+)
+
+NUM = 47  # odd on purpose: linspace points fall between frames
+STRATEGIES = ["seek", "sequential"]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("videos")
+    out = {}
+    for codec in available_encoders():
+        suffix = CODECS[codec][0]
+        out[codec] = write_video(root / f"{codec}{suffix}", NUM, codec)
+    return out
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_uniform_and_fps_exact_frames(videos, codec, strategy):
+    if codec not in videos:
+        pytest.skip(f"no {codec} encoder in this PyAV build")
+    path = videos[codec]
+    for n in (8, NUM, 60):  # fewer, as many as, and more than the frames (repeats)
+        frames, ts = decode_frames(path, num_frames=n, strategy=strategy)
+        expected = np.floor(np.linspace(0, NUM - 1, n) + 0.5).astype(int).tolist()
+        assert frames.dtype == np.uint8 and frames.shape == (n, 64, 64, 3)
+        assert read_codes(frames) == expected, (codec, strategy, n)
+        np.testing.assert_allclose(ts, np.asarray(expected) / 30, atol=1e-3)
+    for fps in (7, 30, 50):
+        frames, ts = decode_frames(path, fps=fps, strategy=strategy)
+        assert read_codes(frames) == expected_fps_indices(np.arange(NUM) / 30, fps), (codec, fps)
+    frames, _ = decode_frames(path, fps=10, max_frames=4, strategy=strategy)
+    fps_indices = expected_fps_indices(np.arange(NUM) / 30, 10)
+    assert read_codes(frames) == [fps_indices[i] for i in uniform_indices(len(fps_indices), 4)]
+
+
+def test_auto_strategy_picks_by_cost(videos):
+    info = probe_video(videos["libx264"])
+    assert info.num_frames == NUM and info.header_frames == NUM
+    assert plan_decode([0, 46], info.keyframe).strategy == "seek"
+    assert plan_decode(list(range(0, NUM, 2)), info.keyframe).strategy == "sequential"
+    frames, _ = decode_frames(videos["libx264"], num_frames=3)
+    assert read_codes(frames) == [0, 23, 46]
+
+
+def test_plan_decode_cost_model():
+    keyframe = np.zeros(1000, dtype=bool)
+    keyframe[::100] = True
+    sparse = plan_decode([50, 550, 950], keyframe)  # 3 × 100 / 2 < 1000: seek
+    assert sparse.strategy == "seek" and sparse.num_seeks == 2 and sparse.sequential_cost == 951
+    assert sparse.seek_cost == 51 + 2 * (51 + video_mod.SEEK_COST_FRAMES)
+    # 100 × 100 / 2 > 1000: decoding on is never dearer than a seek here.
+    dense = plan_decode(list(range(5, 1000, 10)), keyframe)
+    assert dense.num_seeks == 0 and dense.seek_cost == dense.sequential_cost
+    assert dense.strategy == "sequential"  # ties go to the simpler pass
+    assert plan_decode([10, 990], np.eye(1, 1000, dtype=bool)[0]).strategy == "sequential"  # one keyframe
+    assert plan_decode([50, 550], keyframe, "sequential").strategy == "sequential"
+    with pytest.raises(ValueError, match="strategy"):
+        plan_decode([1], keyframe, "fast")
+
+
+def test_sample_indices_rules():
+    assert uniform_indices(10, 4).tolist() == [0, 3, 6, 9]
+    assert uniform_indices(3, 5).tolist() == [0, 1, 1, 2, 2]  # 0.5 and 1.5 round up
+    assert uniform_indices(1, 3).tolist() == [0, 0, 0]
+    ts = np.arange(100) / 25
+    assert sample_indices(ts, fps=1).tolist() == list(range(0, 100, 25))
+    assert len(sample_indices(ts, fps=5, max_frames=7)) == 7
+    assert sample_indices(ts, max_frames=3).tolist() == [0, 50, 99]
+    with pytest.raises(ValueError, match="not both"):
+        sample_indices(ts, num_frames=4, fps=1)
+    with pytest.raises(ValueError, match="num_frames"):
+        sample_indices(ts, num_frames=0)
+    with pytest.raises(ValueError, match="fps"):
+        sample_indices(ts, fps=-1)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_variable_frame_rate_sampled_by_time(tmp_path, strategy):
+    durations = [20, 50, 100, 30]
+    n = 40
+    path = write_video(tmp_path / "vfr.mkv", n, durations_ms=durations)
+    ts_true = vfr_timestamps(n, durations)
+    frames, ts = decode_frames(path, fps=4, strategy=strategy)
+    assert read_codes(frames) == expected_fps_indices(ts_true, 4)
+    np.testing.assert_allclose(ts, ts_true[read_codes(frames)], atol=1e-3)
+    frames, _ = decode_frames(path, num_frames=5, strategy=strategy)
+    assert read_codes(frames) == uniform_indices(n, 5).tolist()
+
+
+def test_webm_without_header_count(videos):
+    if "libvpx-vp9" not in videos:
+        pytest.skip("no VP9 encoder")
+    info = probe_video(videos["libvpx-vp9"])
+    assert info.header_frames == 0  # WebM stores no frame count
+    assert info.estimated_frames == NUM  # duration × rate
+    assert info.num_frames == NUM  # from the packets
+
+
+def test_rotation_is_applied(tmp_path):
+    def marked(i):
+        frame = np.zeros((64, 64, 3), dtype=np.uint8)
+        frame[:16, :32] = (255, 0, 0)  # red band, top left
+        return frame
+
+    path = write_video(tmp_path / "rot.mp4", 5, rotation=90, frame_fn=marked)
+    frames, _ = decode_frames(path, num_frames=2)
+    # 90° counter-clockwise: the top-left band ends up at the bottom left, standing upright.
+    red = (frames[0, ..., 0] > 128) & (frames[0, ..., 1] < 100)
+    assert red[32:, :16].mean() > 0.9 and red[:32].mean() < 0.05
+
+
+@pytest.mark.parametrize(
+    "suffix,codec,opts", [(".mkv", "libx264", {}), (".mp4", "libx264", {"movflags": "+faststart"})]
+)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_truncated_file_warns_and_samples_what_decodes(tmp_path, suffix, codec, opts, strategy):
+    full = write_video(tmp_path / f"full{suffix}", 60, codec, container_options=opts)
+    cut = tmp_path / f"cut{suffix}"
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) * 3 // 4])
+    with pytest.warns(UserWarning, match=r"cut\.(mkv|mp4).*truncated"):
+        frames, _ = decode_frames(cut, num_frames=8, strategy=strategy)
+    codes = read_codes(frames)
+    decodable = codes[-1] + 1
+    assert 10 < decodable < 60
+    assert codes == uniform_indices(decodable, 8).tolist()
+
+
+def test_intact_file_does_not_warn(videos):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decode_frames(videos["libx264"], num_frames=4)
+
+
+def _audio_only(path: Path) -> Path:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    return path
+
+
+def test_bad_files_raise_naming_the_path(tmp_path, videos):
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        decode_frames(tmp_path / "missing.mp4", num_frames=4)
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n" * 50)
+    garbage = tmp_path / "garbage.mkv"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    head_only = tmp_path / "head_only.mp4"  # the first packet is cut: nothing decodes
+    data = write_video(tmp_path / "src.mp4", 60, container_options={"movflags": "+faststart"}).read_bytes()
+    head_only.write_bytes(data[: len(data) // 2])
+    audio = _audio_only(tmp_path / "audio.wav")
+    for bad, reason in [
+        (empty, "empty"),
+        (text, "cannot be read"),
+        (garbage, "cannot be read"),
+        (head_only, "no frame decodes"),
+        (audio, "no video stream"),
+        (tmp_path, "directory"),
+    ]:
+        with pytest.raises(VideoDecodeError, match=reason) as info:
+            decode_frames(bad, num_frames=4)
+        assert str(bad) in str(info.value)
+        assert isinstance(info.value, ValueError)
+
+
+def test_backend_registry(videos):
+    assert "pyav" in available_backends()
+    assert "decord" not in available_backends() or __import__("importlib").util.find_spec("decord")
+    frames, _ = decode_frames(videos["libx264"], num_frames=3, backend="pyav")
+    assert read_codes(frames) == [0, 23, 46]
+
+    def fake(path, select):
+        ts = np.arange(10) / 10
+        idx = select(ts)
+        return np.stack([code_frame(int(i)) for i in idx]), ts[idx]
+
+    register_backend("fake-test", fake)
+    try:
+        frames, ts = decode_frames(videos["libx264"], num_frames=4, backend="fake-test")
+        assert read_codes(frames) == [0, 3, 6, 9]
+        register_backend("absent-test", fake, is_available=lambda: False)
+        assert "absent-test" not in available_backends()
+        with pytest.raises(ValueError, match="not installed"):
+            decode_frames(videos["libx264"], num_frames=4, backend="absent-test")
+    finally:
+        video_mod._BACKENDS.pop("fake-test", None)
+        video_mod._BACKENDS.pop("absent-test", None)
+    with pytest.raises(ValueError, match="unknown video backend"):
+        decode_frames(videos["libx264"], num_frames=4, backend="nope")
+
+
+@pytest.mark.skipif("opencv" not in available_backends(), reason="OpenCV not installed")
+def test_opencv_backend_matches_pyav(videos):
+    frames, _ = decode_frames(videos["libx264"], num_frames=5, backend="opencv")
+    assert read_codes(frames) == uniform_indices(NUM, 5).tolist()
+
+
+def test_load_image_honours_exif_orientation(tmp_path):
+    from PIL import Image
+
+    array = np.zeros((20, 40, 3), dtype=np.uint8)
+    array[:, :10] = (0, 0, 255)  # blue stripe on the left
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    image.save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    loaded = load_image(tmp_path / "rot.jpg")
+    assert loaded.shape == (40, 20, 3) and loaded.dtype == np.uint8
+    assert loaded[:10, :, 2].mean() > 200  # left stripe is now on top
+    Image.fromarray(array[..., 0]).save(tmp_path / "gray.png")
+    assert load_image(tmp_path / "gray.png").shape == (20, 40, 3)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        load_image(tmp_path / "nope.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(ImageDecodeError, match="bad.png"):
+        load_image(tmp_path / "bad.png")
