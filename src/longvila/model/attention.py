@@ -28,7 +28,8 @@ class AttentionContext:
     """(B, Sk) sample index of every token of packed rows; None when each row is one sample."""
 
     key_padding: torch.Tensor | None = None
-    """(B, Sk) True for real keys, False for left padding (generation)."""
+    """(B, Sk) True for real keys, False for left padding (generation). Under sequence parallelism:
+    this rank's valid cached keys, which switches attention to the exact cross-rank decoding merge."""
 
     cu_seqlens: torch.Tensor | None = None
     """Global sample boundaries (int32, 0 ... T) for the sequence-parallel path."""
@@ -69,6 +70,9 @@ def longvila_attention(
 ) -> tuple[torch.Tensor, None]:
     """HF attention signature: q (B, H, Sq, D), k/v (B, K, Sk, D) -> (B, Sq, H, D)."""
     ctx = longvila_ctx
+    if ctx is not None and ctx.sp is not None and ctx.key_padding is not None:
+        # Sequence-parallel decoding: new queries against every rank's cached shard.
+        return ctx.sp.decode_attention(query, key, value, ctx.key_padding, scale=scaling), None
     if ctx is not None and ctx.sp is not None:
         out = ctx.sp.attention(
             query.transpose(1, 2),

@@ -18,8 +18,6 @@ def _split_prompts(model, input_ids, pixel_values, cu_seqlens, sp):
     input_ids = input_ids.to(model.device)
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
-    if sp is not None:
-        raise NotImplementedError("sequence-parallel generation needs `longvila.parallel` (MM-SP)")
     embeds = model.embed(input_ids, pixel_values)
     prompts = []
     if cu_seqlens is not None:
@@ -86,7 +84,24 @@ def generate_tokens(
     end_ids = _end_ids(model, eos_token_id)
     if pad_token_id is None:
         pad_token_id = end_ids[0] if end_ids else 0
-    prompts = _split_prompts(model, input_ids, pixel_values, cu_seqlens, sp)
+    if sp is not None and sp.sp_degree > 1:
+        return _generate_sp(
+            model,
+            input_ids,
+            pixel_values,
+            cu_seqlens,
+            sp,
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            end_ids,
+            pad_token_id,
+            generator,
+            streamer,
+        )
+    prompts = _split_prompts(model, input_ids, pixel_values, cu_seqlens, None)
     device = model.device
     batch = len(prompts)
     longest = max(p.shape[0] for p in prompts)
@@ -123,6 +138,77 @@ def generate_tokens(
         out = model._decoder(embedding(token[:, None]), next_pos[:, None], ctx, cache=cache)
         hidden = out.last_hidden_state[:, -1]
         next_pos += 1
+    if streamer is not None:
+        streamer.end()
+    return torch.stack(new_tokens, dim=1)
+
+
+def _generate_sp(
+    model,
+    input_ids,
+    pixel_values,
+    cu_seqlens,
+    sp,
+    max_new_tokens,
+    do_sample,
+    temperature,
+    top_k,
+    top_p,
+    end_ids,
+    pad_token_id,
+    generator,
+    streamer,
+):
+    """One prompt, prefilled with MM-SP; every rank decodes the same tokens.
+
+    The prompt is padded to the layout's multiple (the padding is masked out as keys), each rank
+    caches the K/V of its own zigzag shard, and new tokens' K/V are kept as valid keys on SP rank 0
+    only, so the cross-rank merge counts every key exactly once.
+    """
+    model.check_sp(sp)
+    device = model.device
+    input_ids = input_ids.to(device)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.shape[0] != 1 or (cu_seqlens is not None and len(cu_seqlens) > 2):
+        raise NotImplementedError("sequence-parallel generation takes one prompt at a time")
+    length = input_ids.shape[1]
+    total = length + (-length) % sp.sequence_multiple
+    if total > length:
+        pad = torch.full((1, total - length), pad_token_id, dtype=input_ids.dtype, device=device)
+        input_ids = torch.cat([input_ids, pad], dim=1)
+    embeds = model.embed(input_ids, pixel_values, sp=sp)
+    index = sp.local_positions(total, device=device)
+    positions = torch.arange(total, device=device)[None]
+    cu = torch.tensor([0, length, total] if total > length else [0, length], dtype=torch.int32, device=device)
+    ctx = AttentionContext(sp=sp, cu_seqlens=cu)
+    cache = DynamicCache()
+    hidden = model._decoder(embeds.index_select(1, index), positions.index_select(1, index), ctx, cache=cache)
+    hidden = hidden.last_hidden_state
+    # The last prompt token lives on one rank; sum over ranks hands its hidden state to every rank.
+    owner = (index == length - 1).nonzero()
+    last = hidden[0, owner[0, 0]] if owner.numel() else hidden.new_zeros(hidden.shape[-1])
+    last = sp.all_reduce_sum(last)[None]
+    ctx.key_padding = (index < length)[None]
+    head = model._head()
+    embedding = model.llm.get_input_embeddings()
+    end = torch.tensor(end_ids, device=device)
+    owns_new = (
+        torch.ones(1, 1, dtype=torch.bool, device=device)
+        if sp.sp_rank == 0
+        else torch.zeros(1, 1, dtype=torch.bool, device=device)
+    )
+    new_tokens = []
+    for step in range(max_new_tokens):
+        token = _pick(head(last), do_sample, temperature, top_k, top_p, generator)
+        new_tokens.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if bool(torch.isin(token, end).all()):
+            break
+        ctx.key_padding = torch.cat([ctx.key_padding, owns_new], dim=1)
+        position = torch.full((1, 1), length + step, device=device)
+        last = model._decoder(embedding(token[:, None]), position, ctx, cache=cache).last_hidden_state[:, -1]
     if streamer is not None:
         streamer.end()
     return torch.stack(new_tokens, dim=1)

@@ -139,7 +139,7 @@ class LongVILA(nn.Module):
             )
         if frames == 0:
             return embeds
-        if sp is not None:
+        if sp is not None and sp.sp_degree > 1:
             local = sp.split_frames(pixel_values)
             frame_embeds = sp.gather_frames(self.encode_frames(local), total=frames)
         else:
@@ -179,6 +179,8 @@ class LongVILA(nn.Module):
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got {tuple(input_ids.shape)}")
+        if sp is not None:
+            self.check_sp(sp)
         batch, length = input_ids.shape
         device = self.device
         input_ids = input_ids.to(device)
@@ -202,31 +204,62 @@ class LongVILA(nn.Module):
                 crosses = torch.zeros_like(targets, dtype=torch.bool)
                 crosses[:, :-1] = segment_ids[:, 1:] != segment_ids[:, :-1]
                 targets = targets.masked_fill(crosses, IGNORE_INDEX)
-        if sp is not None:
-            return sp.model_forward(
-                self,
+        if sp is not None and sp.sp_degree > 1:
+            return self._forward_sp(
                 embeds,
                 position_ids,
                 cu_seqlens,
                 targets if labels is not None else None,
-                return_logits=return_logits,
-                loss_chunk_size=loss_chunk_size,
+                sp,
+                return_logits,
+                loss_chunk_size,
             )
         ctx = AttentionContext(segment_ids=segment_ids)
         hidden = self._decoder(embeds, position_ids, ctx).last_hidden_state
+        return self._outputs(hidden, targets if labels is not None else None, return_logits, loss_chunk_size)
+
+    def _outputs(self, hidden, targets, return_logits, loss_chunk_size, sp=None) -> LongVILAOutput:
         out = LongVILAOutput()
         head = self._head()
-        if labels is None or return_logits:
+        if targets is None or return_logits:
             out.logits = head(hidden)
-        if labels is not None:
+            if sp is not None:
+                out.logits = sp.gather(out.logits, dim=1)
+        if targets is not None:
             flat_targets = targets.reshape(-1)
             count = int((flat_targets != IGNORE_INDEX).sum())
             total = chunked_cross_entropy_sum(
                 hidden.reshape(-1, hidden.shape[-1]), head.weight, flat_targets, head.bias, loss_chunk_size
             )
-            out.loss = total / max(count, 1)
-            out.num_supervised = count
+            if sp is not None:
+                out.loss, out.num_supervised = sp.reduce_loss(total, count)
+            else:
+                out.loss, out.num_supervised = total / max(count, 1), count
         return out
+
+    def check_sp(self, sp) -> None:
+        """Fail before any work when the LLM's heads do not fit the sequence-parallel layout."""
+        config = self.llm.config
+        heads = config.num_attention_heads
+        sp.check_model(heads, getattr(config, "num_key_value_heads", None) or heads)
+
+    def _forward_sp(self, embeds, position_ids, cu_seqlens, targets, sp, return_logits, loss_chunk_size):
+        """Stage 2 of MM-SP: shard the full sequence by tokens (2D zigzag) and run the LLM on the shard.
+
+        The targets were shifted on the full sequence, so a shard's last token keeps its target even
+        though that token lives on another rank.
+        """
+        total = embeds.shape[1]
+        sp.check_sequence(total)
+        index = sp.local_positions(total, device=embeds.device)
+        local_embeds = sp.shard(embeds, dim=1)
+        local_positions = position_ids.index_select(1, index)
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=embeds.device)
+        ctx = AttentionContext(sp=sp, cu_seqlens=cu_seqlens)
+        hidden = self._decoder(local_embeds, local_positions, ctx).last_hidden_state
+        local_targets = targets.index_select(1, index) if targets is not None else None
+        return self._outputs(hidden, local_targets, return_logits, loss_chunk_size, sp=sp)
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from longvila.parallel.comm import all_gather_pieces, reduce_scatter_pieces
+from longvila.parallel.mmsp import MMSPMethods
 
 
 def zigzag_indices(
@@ -58,7 +59,7 @@ def check_sequence_length(total_len: int, ring_degree: int, ulysses_degree: int)
         )
 
 
-class SequenceParallel:
+class SequenceParallel(MMSPMethods):
     """Where this rank sits in the (dp, ring, ulysses) layout, with its process groups.
 
     Build it with `init_sp(ulysses, ring)` after `torch.distributed` is initialised, or
