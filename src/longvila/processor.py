@@ -176,7 +176,10 @@ class LongVILAProcessor:
         if isinstance(item, (str, Path)):
             from longvila.data.image import load_image
 
-            return check_frames(load_image(item), f"image {item}")
+            try:
+                return check_frames(np.array(load_image(item)), "image")
+            except ValueError as exc:
+                raise ValueError(f"image {item}: {exc}") from exc
         if hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
             return check_frames(np.asarray(item.convert("RGB")), "image")
         return check_frames(item, "image")

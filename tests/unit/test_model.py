@@ -184,3 +184,32 @@ def test_tiny_model_runs_a_64_frame_video_forward_and_backward():
     assert torch.isfinite(out.loss)
     assert model.mm_projector.layers[2].weight.grad.abs().sum() > 0
     assert next(model.vision_tower.parameters()).grad is not None
+
+
+def test_chunked_prefill_gives_the_same_tokens(tiny_model, tiny_processor):
+    with torch.no_grad():  # varied greedy tokens make the comparison meaningful
+        for param in tiny_model.llm.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.3)
+    video = np.random.default_rng(4).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    prompt = tiny_processor.collate(
+        [tiny_processor([{"role": "user", "content": "<video>\nWhat?"}], videos=[video])]
+    )
+    whole = tiny_model.generate(**prompt, max_new_tokens=10, eos_token_id=[])
+    assert len(set(whole[0].tolist())) > 5
+    for chunk in (7, 32, 64):
+        chunked = tiny_model.generate(**prompt, max_new_tokens=10, eos_token_id=[], prefill_chunk_size=chunk)
+        assert torch.equal(whole, chunked), chunk
+    two = [prompt, tiny_processor.collate([tiny_processor([{"role": "user", "content": "Hi."}])])]
+    batch = tiny_processor.collate(
+        [
+            tiny_processor([{"role": "user", "content": "<video>\nWhat?"}], videos=[video]),
+            tiny_processor([{"role": "user", "content": "Hi."}]),
+        ]
+    )
+    together = tiny_model.generate(**batch, max_new_tokens=6, eos_token_id=[], prefill_chunk_size=16)
+    for row, single in enumerate(two):
+        assert (
+            together[row].tolist()
+            == tiny_model.generate(**single, max_new_tokens=6, eos_token_id=[])[0].tolist()
+        )

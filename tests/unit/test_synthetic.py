@@ -112,12 +112,13 @@ def test_passkey_length_and_depth():
     assert text0.startswith(f"The pass key is {key0}.")
 
 
-def test_cli_synth_and_placeholders(tmp_path, capsys):
+def test_cli_synth_and_missing_arguments(tmp_path, capsys):
     assert cli_main(["data", "synth", "--out", str(tmp_path / "d"), "--seed", "3", "--quick"]) == 0
     assert "wrote 5 sets" in capsys.readouterr().out
     assert (tmp_path / "d" / "index.json").exists()
-    assert cli_main(["data", "long-sft"]) == 2
-    assert "not yet implemented" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["data", "long-sft"])
+    assert exc.value.code == 2 and "required" in capsys.readouterr().err
 
 
 def test_decode_benchmark_smoke(tmp_path):

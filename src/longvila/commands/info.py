@@ -33,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
         c = model.config
         params = sum(p.numel() for p in model.parameters())
         print(f"{args.checkpoint}: {params / 1e6:.2f}M parameters")
-        print(f"  llm: {c.llm.get('model_type')} hidden {c.llm_hidden_size}, {c.llm.get('num_hidden_layers')} layers")
-        print(f"  vision: {c.image_size}px, patch {c.vision['patch_size']}, {c.tokens_per_frame} tokens per frame")
+        print(
+            f"  llm: {c.llm.get('model_type')} hidden {c.llm_hidden_size}, {c.llm.get('num_hidden_layers')} layers"
+        )
+        print(
+            f"  vision: {c.image_size}px, patch {c.vision['patch_size']}, {c.tokens_per_frame} tokens per frame"
+        )
     return 0

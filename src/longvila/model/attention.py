@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 ATTENTION_NAME = "longvila"
 
@@ -89,6 +90,10 @@ def longvila_attention(
     if mask is None and attention_mask is not None:
         mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask
     is_causal = mask is None and q_len == k_len and q_len > 1
+    if mask is None and 1 < q_len < k_len:
+        # Chunked prefill: the chunk's queries see the whole cache and, causally, themselves. A
+        # lower-right causal bias runs in the fused kernels without materialising a (Sq, Sk) mask.
+        mask = causal_lower_right(q_len, k_len)
     out = F.scaled_dot_product_attention(
         query,
         key,

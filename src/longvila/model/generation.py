@@ -32,6 +32,27 @@ def _split_prompts(model, input_ids, pixel_values, cu_seqlens, sp):
     return prompts
 
 
+def _prefill(model, embeds, position_ids, ctx, cache, chunk_size):
+    """Run the prompt through the LLM filling the KV cache; returns the last position's hidden state.
+
+    With `chunk_size`, the prompt goes through in chunks (each attending to the cache and causally to
+    itself), so the MLP and attention activations of only one chunk exist at a time: a 400K-token
+    prompt needs activations for `chunk_size` tokens, not 400K (the KV cache itself is unavoidable).
+    """
+    length = embeds.shape[1]
+    if not chunk_size or chunk_size >= length:
+        return model._decoder(embeds, position_ids, ctx, cache=cache).last_hidden_state[:, -1]
+    padding = ctx.key_padding
+    for start in range(0, length, chunk_size):
+        end = min(start + chunk_size, length)
+        if padding is not None:
+            ctx.key_padding = padding[:, :end]
+        hidden = model._decoder(embeds[:, start:end], position_ids[:, start:end], ctx, cache=cache)
+        hidden = hidden.last_hidden_state[:, -1]
+    ctx.key_padding = padding
+    return hidden
+
+
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator):
     if not do_sample:
         return logits.argmax(-1)
@@ -78,6 +99,7 @@ def generate_tokens(
     generator=None,
     streamer=None,
     sp=None,
+    prefill_chunk_size=None,
 ) -> torch.Tensor:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -115,7 +137,7 @@ def generate_tokens(
     position_ids = (torch.arange(longest, device=device)[None] - (longest - lengths)[:, None]).clamp(min=0)
     ctx = AttentionContext(key_padding=None if bool(key_padding.all()) else key_padding)
     cache = DynamicCache()
-    hidden = model._decoder(embeds, position_ids, ctx, cache=cache).last_hidden_state[:, -1]
+    hidden = _prefill(model, embeds, position_ids, ctx, cache, prefill_chunk_size)
     head = model._head()
     embedding = model.llm.get_input_embeddings()
     end = torch.tensor(end_ids, device=device)

@@ -279,6 +279,7 @@ class LongVILA(nn.Module):
         generator: torch.Generator | None = None,
         streamer=None,
         sp=None,
+        prefill_chunk_size: int | None = None,
         **unused: Any,
     ) -> torch.Tensor:
         """Continue every prompt of the (packed) batch; returns (num prompts, new tokens) LongTensor.
@@ -287,6 +288,8 @@ class LongVILA(nn.Module):
         Greedy by default; `do_sample=True` samples with temperature / top-k / top-p. Decoding stops at
         `eos_token_id` (the model config's end ids by default); finished prompts are padded with
         `pad_token_id`. `streamer` (HF-style, with `put(ids)` and `end()`) receives each new token.
+        `prefill_chunk_size` prefills long prompts chunk by chunk (same tokens, a fraction of the
+        activation memory: how a 2,048-frame, 400K-token prompt fits one GPU).
         """
         from longvila.model.generation import generate_tokens
 
@@ -305,4 +308,5 @@ class LongVILA(nn.Module):
             generator=generator,
             streamer=streamer,
             sp=sp,
+            prefill_chunk_size=prefill_chunk_size,
         )
