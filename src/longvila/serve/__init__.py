@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving: `longvila.serve.server.create_server(model, processor, port=...)`."""
