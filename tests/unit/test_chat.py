@@ -3,21 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from _models import lively_tiny_model
 
 from longvila import LongVILA, LongVILAConfig
 from longvila.chat import ChatSession, ContextLengthError, TextStreamer, is_image_path
-
-
-def lively_tiny_model() -> LongVILA:
-    """The tiny model with weights wide enough that its greedy replies vary with the input
-    (at the default init every reply is a run of newlines, which would make comparisons vacuous)."""
-    torch.manual_seed(0)
-    model = LongVILA(LongVILAConfig.tiny()).eval()
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.ndim >= 2:
-                weight.normal_(0, 0.3)
-    return model
 
 
 @pytest.fixture(scope="module")

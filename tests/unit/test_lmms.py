@@ -10,27 +10,17 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("lmms_eval")
 
-from longvila import LongVILA, LongVILAConfig, LongVILAProcessor  # noqa: E402
+from _models import lively_tiny_model
+
+from longvila import LongVILA, LongVILAProcessor  # noqa: E402
 from longvila.eval.letters import build_prompt  # noqa: E402
 from longvila.eval.videoqa import COLOURS, write_video  # noqa: E402
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "assets" / "lmms_task"
 MAX_NEW_TOKENS = 16  # the task's generation_kwargs
-
-
-def lively_tiny_model() -> LongVILA:
-    """The tiny model with weights wide enough that replies vary with the input."""
-    torch.manual_seed(0)
-    model = LongVILA(LongVILAConfig.tiny()).eval()
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.ndim >= 2:
-                weight.normal_(0, 0.3)
-    return model
 
 
 @pytest.fixture(scope="module")

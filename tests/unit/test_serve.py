@@ -9,10 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
+from _models import lively_tiny_model
 from PIL import Image
 
-from longvila import LongVILA, LongVILAConfig
 from longvila.chat import load_image_array
 from longvila.eval.videoqa import write_video
 from longvila.serve.server import create_server
@@ -20,18 +19,6 @@ from longvila.serve.server import create_server
 openai = pytest.importorskip("openai")
 
 MAX_TOKENS = 8
-
-
-def lively_tiny_model() -> LongVILA:
-    """The tiny model with weights wide enough that its greedy replies vary with the input
-    (at the default init every reply is a run of newlines, which would make comparisons vacuous)."""
-    torch.manual_seed(0)
-    model = LongVILA(LongVILAConfig.tiny()).eval()
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.ndim >= 2:
-                weight.normal_(0, 0.3)
-    return model
 
 
 @pytest.fixture(scope="module")

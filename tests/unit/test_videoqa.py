@@ -3,9 +3,9 @@
 import json
 
 import pytest
-import torch
+from _models import lively_tiny_model
 
-from longvila import LongVILA, LongVILAConfig, LongVILAProcessor
+from longvila import LongVILA, LongVILAProcessor
 from longvila.cli import main
 from longvila.eval.letters import PROMPT_SUFFIX, build_prompt, extract_letter
 from longvila.eval.videoqa import (
@@ -49,17 +49,6 @@ def test_extract_letter(reply, letter):
 def test_prompt_is_video_mme_style():
     prompt = build_prompt("What moves?", ["A. a ball", "a cube"])
     assert prompt == f"What moves?\nA. a ball\nB. a cube\n{PROMPT_SUFFIX}"
-
-
-def lively_tiny_model() -> LongVILA:
-    """The tiny model with weights wide enough that replies vary with the input."""
-    torch.manual_seed(0)
-    model = LongVILA(LongVILAConfig.tiny()).eval()
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.ndim >= 2:
-                weight.normal_(0, 0.3)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,7 @@ def generate_tokens(
     end_ids = _end_ids(model, eos_token_id)
     if pad_token_id is None:
         pad_token_id = end_ids[0] if end_ids else 0
+    sampling = (do_sample, temperature, top_k, top_p, generator)
     if sp is not None and sp.sp_degree > 1:
         return _generate_sp(
             model,
@@ -114,13 +115,9 @@ def generate_tokens(
             cu_seqlens,
             sp,
             max_new_tokens,
-            do_sample,
-            temperature,
-            top_k,
-            top_p,
+            sampling,
             end_ids,
             pad_token_id,
-            generator,
             streamer,
         )
     prompts = _split_prompts(model, input_ids, pixel_values, cu_seqlens, None)
@@ -138,14 +135,36 @@ def generate_tokens(
     ctx = AttentionContext(key_padding=None if bool(key_padding.all()) else key_padding)
     cache = DynamicCache()
     hidden = _prefill(model, embeds, position_ids, ctx, cache, prefill_chunk_size)
+    new_keys = None if ctx.key_padding is None else torch.ones(batch, 1, dtype=torch.bool, device=device)
+    return _decode_loop(
+        model,
+        hidden,
+        ctx,
+        cache,
+        lengths.clone(),
+        new_keys,
+        sampling,
+        end_ids,
+        pad_token_id,
+        streamer,
+        max_new_tokens,
+    )
+
+
+def _decode_loop(
+    model, hidden, ctx, cache, next_pos, new_keys, sampling, end_ids, pad_token_id, streamer, steps
+):
+    """Pick a token from each row's last hidden state, feed it back, repeat; (B, new tokens).
+
+    `new_keys` (B, 1) is appended to the context's valid-key mask at every step (None: no mask).
+    """
     head = model._head()
     embedding = model.llm.get_input_embeddings()
-    end = torch.tensor(end_ids, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    end = torch.tensor(end_ids, device=next_pos.device)
+    finished = torch.zeros(hidden.shape[0], dtype=torch.bool, device=next_pos.device)
     new_tokens = []
-    next_pos = lengths.clone()
-    for _ in range(max_new_tokens):
-        token = _pick(head(hidden), do_sample, temperature, top_k, top_p, generator)
+    for _ in range(steps):
+        token = _pick(head(hidden), *sampling)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         new_tokens.append(token)
         if streamer is not None:
@@ -153,33 +172,18 @@ def generate_tokens(
         finished |= torch.isin(token, end)
         if bool(finished.all()):
             break
-        if ctx.key_padding is not None:
-            ctx.key_padding = torch.cat(
-                [ctx.key_padding, torch.ones(batch, 1, dtype=torch.bool, device=device)], 1
-            )
+        if new_keys is not None:
+            ctx.key_padding = torch.cat([ctx.key_padding, new_keys], 1)
         out = model._decoder(embedding(token[:, None]), next_pos[:, None], ctx, cache=cache)
         hidden = out.last_hidden_state[:, -1]
-        next_pos += 1
+        next_pos = next_pos + 1
     if streamer is not None:
         streamer.end()
     return torch.stack(new_tokens, dim=1)
 
 
 def _generate_sp(
-    model,
-    input_ids,
-    pixel_values,
-    cu_seqlens,
-    sp,
-    max_new_tokens,
-    do_sample,
-    temperature,
-    top_k,
-    top_p,
-    end_ids,
-    pad_token_id,
-    generator,
-    streamer,
+    model, input_ids, pixel_values, cu_seqlens, sp, max_new_tokens, sampling, end_ids, pad_token_id, streamer
 ):
     """One prompt, prefilled with MM-SP; every rank decodes the same tokens.
 
@@ -212,25 +216,8 @@ def _generate_sp(
     last = hidden[0, owner[0, 0]] if owner.numel() else hidden.new_zeros(hidden.shape[-1])
     last = sp.all_reduce_sum(last)[None]
     ctx.key_padding = (index < length)[None]
-    head = model._head()
-    embedding = model.llm.get_input_embeddings()
-    end = torch.tensor(end_ids, device=device)
-    owns_new = (
-        torch.ones(1, 1, dtype=torch.bool, device=device)
-        if sp.sp_rank == 0
-        else torch.zeros(1, 1, dtype=torch.bool, device=device)
+    owns_new = torch.full((1, 1), sp.sp_rank == 0, dtype=torch.bool, device=device)
+    next_pos = torch.full((1,), length, device=device)
+    return _decode_loop(
+        model, last, ctx, cache, next_pos, owns_new, sampling, end_ids, pad_token_id, streamer, max_new_tokens
     )
-    new_tokens = []
-    for step in range(max_new_tokens):
-        token = _pick(head(last), do_sample, temperature, top_k, top_p, generator)
-        new_tokens.append(token)
-        if streamer is not None:
-            streamer.put(token.cpu())
-        if bool(torch.isin(token, end).all()):
-            break
-        ctx.key_padding = torch.cat([ctx.key_padding, owns_new], dim=1)
-        position = torch.full((1, 1), length + step, device=device)
-        last = model._decoder(embedding(token[:, None]), position, ctx, cache=cache).last_hidden_state[:, -1]
-    if streamer is not None:
-        streamer.end()
-    return torch.stack(new_tokens, dim=1)
