@@ -1,0 +1,173 @@
+"""The scale planner: shapes, the activation count, communication bytes, paper-scale predictions, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from longvila.plan import (
+    H100,
+    PRESETS,
+    Layout,
+    Workload,
+    llm_layer_activation_bytes,
+    load_shape,
+    predict_memory,
+)
+from longvila.plan.search import evaluate, layout_problems, max_sequence_length, plan
+from longvila.plan.timing import attention_comm_bytes
+
+SEVEN_B = PRESETS["7b"]
+PAPER_TOKENS = 578 * 1024
+
+
+def test_presets_match_known_parameter_counts():
+    assert SEVEN_B.llm.params == pytest.approx(7.62e9, rel=0.01)  # Qwen2-7B
+    assert PRESETS["1.5b"].llm.params == pytest.approx(1.54e9, rel=0.01)
+    assert PRESETS["0.5b"].llm.params == pytest.approx(0.494e9, rel=0.01)
+    assert SEVEN_B.vision.params == pytest.approx(0.413e9, rel=0.01)  # SigLIP-so400m without its pooling head
+    assert SEVEN_B.tokens_per_frame == 196
+
+
+def test_shape_from_longvila_and_hf_configs(tmp_path):
+    from longvila.config import LongVILAConfig
+
+    config = LongVILAConfig.tiny()
+    config.save(tmp_path / "config.json")
+    shape = load_shape(str(tmp_path))
+    assert shape.llm.hidden == 64 and shape.llm.kv_heads == 2 and shape.tokens_per_frame == 16
+    (tmp_path / "hf.json").write_text(json.dumps({**config.llm, "num_hidden_layers": 5}))
+    assert load_shape(str(tmp_path / "hf.json")).llm.layers == 5
+    with pytest.raises(ValueError, match="neither a preset"):
+        load_shape("no-such-model")
+
+
+def test_activation_count_of_a_qwen2_layer():
+    # 13 tensors + statistics, bf16 7B: 2*(4h + 2h + 4) + 2*(q + 2kv) + 2*2q + 4*Nq + 4*2*I.
+    h, q, kv, inter = 3584, 3584, 512, 18944
+    expected = 2 * (4 * h + 2 * h + 4) + 2 * (q + 2 * kv) + 4 * q + 4 * 28 + 8 * inter
+    assert llm_layer_activation_bytes(SEVEN_B.llm, 2) == expected
+    # Ulysses 8 > 4 KV heads: K/V replicated to 8 heads.
+    assert llm_layer_activation_bytes(SEVEN_B.llm, 2, ulysses=8) == expected + 2 * 2 * 4 * 128
+
+
+@pytest.mark.parametrize("ulysses,ring", [(1, 1), (4, 1), (1, 4), (2, 2), (8, 1), (4, 16), (2, 32)])
+@pytest.mark.parametrize("dtype_bytes", [(2, 4), (8, 8)])
+def test_comm_bytes_equal_sp_code_formula(ulysses, ring, dtype_bytes):
+    from longvila.parallel import sp_attention_comm_bytes
+
+    for llm in (SEVEN_B.llm, PRESETS["8b"].llm, PRESETS["1.5b"].llm):
+        if llm.q_heads % ulysses:
+            continue
+        total = 2 * ulysses * ring * 1000
+        ours = attention_comm_bytes(
+            llm,
+            batch=1,
+            total_len=total,
+            ulysses_degree=ulysses,
+            ring_degree=ring,
+            element_bytes=dtype_bytes[0],
+            accumulation_bytes=dtype_bytes[1],
+        )
+        theirs = sp_attention_comm_bytes(
+            batch=1,
+            total_len=total,
+            q_heads=llm.q_heads,
+            kv_heads=llm.kv_heads,
+            head_dim=llm.head_dim,
+            ulysses_degree=ulysses,
+            ring_degree=ring,
+            element_bytes=dtype_bytes[0],
+            accumulation_bytes=dtype_bytes[1],
+        )
+        assert ours == theirs
+
+
+def _step(layout, inter_node_gbps=50.0, model="7b"):
+    hardware = H100.with_links(inter_node_gbps=inter_node_gbps)
+    return evaluate(PRESETS[model], layout, Workload(tokens=PAPER_TOKENS), hardware)
+
+
+def test_2d_beats_zigzag_ring_across_nodes_at_64_gpus():
+    ring = _step(Layout(ulysses=1, ring=64))
+    two_d = _step(Layout(ulysses=4, ring=16))
+    assert ring.fits and two_d.fits
+    assert ring.time.ring_link == "infiniband"
+    # Direction at the paper's nominal links: 2D is faster, by the ring's exposed per-step costs.
+    assert two_d.time.total < ring.time.total
+    assert two_d.time.ring_exposed * 3 < ring.time.ring_exposed
+    # Rough size of the paper's gap (77.2 vs 16.9 s) appears once the ring's cross-node hops run at
+    # the few GB/s the paper's ring must have seen (docs/scaling.md): at least 2x.
+    slow_ring = _step(Layout(ulysses=1, ring=64), inter_node_gbps=5.0)
+    slow_two_d = _step(Layout(ulysses=4, ring=16), inter_node_gbps=5.0)
+    assert slow_ring.time.total >= 2 * slow_two_d.time.total
+    eight_b = _step(Layout(ulysses=8, ring=8), inter_node_gbps=5.0, model="8b")
+    assert _step(Layout(ulysses=1, ring=64), 5.0, "8b").time.total >= 2 * eight_b.time.total
+
+
+def test_pure_ulysses_is_capped_by_heads_and_node():
+    # 28 query heads: Ulysses 8 (a full node) does not divide them, nor does 64.
+    assert layout_problems(SEVEN_B, Layout(ulysses=8), H100)
+    assert any("query heads" in p for p in layout_problems(SEVEN_B, Layout(ulysses=64), H100))
+    assert not layout_problems(SEVEN_B, Layout(ulysses=4), H100)
+    assert not layout_problems(PRESETS["8b"], Layout(ulysses=8), H100)  # KV heads 8 | 8
+    # Ulysses 8 on 1.5B (2 KV heads): K/V replicated, valid except for the 12 query heads.
+    assert any("query heads" in p for p in layout_problems(PRESETS["1.5b"], Layout(ulysses=8), H100))
+    result = plan(SEVEN_B, Workload(tokens=PAPER_TOKENS), 64, H100)
+    ulysses_only = [c for c in result.candidates if c.role == "Ulysses only"]
+    assert all(not c.fits for c in ulysses_only if c.layout.ulysses > 4)
+
+
+def test_longest_sequence_on_256_gpus_is_millions_without_checkpointing():
+    tokens, cand = max_sequence_length(SEVEN_B, 256, H100, checkpointing=False)
+    assert 1_000_000 <= tokens < 4_000_000
+    assert cand is not None and not cand.layout.checkpointing and cand.layout.sp == 256
+    longer, _ = max_sequence_length(SEVEN_B, 256, H100, checkpointing=True)
+    assert longer > tokens
+
+
+def test_plan_7b_2048_frames_on_32_nodes():
+    result = plan(SEVEN_B, Workload.from_frames(2048), 256, H100)
+    best = result.best
+    assert best is not None and best.fits
+    lay = best.layout
+    assert lay.world == 256 and 256 % lay.sp == 0
+    assert SEVEN_B.llm.q_heads % lay.ulysses == 0 and lay.ulysses <= 8
+    assert best.memory.peak <= H100.memory_bytes
+    text = result.explain()
+    assert "Chosen" in text and f"Ulysses {lay.ulysses}" in text
+    assert lay.overrides()[:4] == [
+        "--parallel.ulysses_degree",
+        str(lay.ulysses),
+        "--parallel.ring_degree",
+        str(lay.ring),
+    ]
+
+
+def test_memory_parts_scale_as_expected():
+    workload = Workload.from_frames(1024)
+    small = predict_memory(SEVEN_B, Layout(ulysses=4, ring=8), workload)
+    large = predict_memory(SEVEN_B, Layout(ulysses=4, ring=16), workload)
+    assert large.activations == pytest.approx(small.activations / 2, rel=0.01)
+    ckpt = predict_memory(SEVEN_B, Layout(ulysses=4, ring=8, checkpointing=True), workload)
+    assert ckpt.activations < small.activations / 10
+
+
+def test_cli_plan_prints_table_and_overrides(capsys):
+    from longvila.cli import main
+
+    assert main(["plan", "--model", "7b", "--frames", "2048", "--gpus", "256", "--emit-overrides"]) == 0
+    out = capsys.readouterr().out
+    assert "ring only" in out and "Chosen" in out
+    assert out.strip().splitlines()[-1].startswith("--parallel.ulysses_degree")
+    assert main(["plan", "--model", "nope", "--frames", "8", "--gpus", "8"]) == 2
+    assert main(["plan", "--frames", "8", "--gpus", "12"]) == 2  # not whole nodes
+
+
+def test_plan_package_does_not_import_torch():
+    code = "import sys, longvila.plan, longvila.commands.plan; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
