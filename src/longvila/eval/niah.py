@@ -1,0 +1,302 @@
+"""Video needle in a haystack (V-NIAH), as LongVILA and LongVA run it (REFERENCE.md, "V-NIAH").
+
+The haystack frames are encoded once (vision tower + projector) and cached; each needle image too. For
+N frames at depth d the input is built at the embedding level:
+
+    prompt + haystack[:round(d*N)] + needle + haystack[round(d*N):N] + question
+
+with every frame's tokens followed by the "\\n" embedding, exactly the layout the processor gives a
+video of N + 1 frames. Each cell is scored two ways:
+- generation (LongVILA): greedy decoding, exact match after lower-casing and removing spaces;
+- teacher forcing (LongVA): correct only if the argmax at every answer position is the answer token.
+
+One JSON per cell (`out_dir/cells/`) holds the per-needle results, so an interrupted sweep resumes.
+
+    grid = run_niah(model, processor, haystack_frames, needles, [32, 64], [0.0, 0.5, 1.0], out_dir)
+    grid.accuracy            # [depth][frame count]
+
+Shapes: N frames, P tokens per frame, D LLM width, T tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from longvila.config import IMAGE_TOKEN
+
+
+@dataclass
+class Needle:
+    """One needle: an image (uint8 (H, W, 3) or a path), the question asked after the video, the answer."""
+
+    image: Any
+    question: str
+    answer: str
+
+
+@dataclass
+class NiahGrid:
+    frame_counts: list[int]
+    depths: list[float]
+    accuracy: list[list[float]]
+    """[depth][frame count] exact-match accuracy of the generated answers."""
+    accuracy_teacher_forced: list[list[float]]
+    """[depth][frame count] accuracy under teacher forcing (argmax at every answer position)."""
+    num_needles: int
+    seconds: float = 0.0
+    cells: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def mean_accuracy(self) -> float:
+        return float(np.mean(self.accuracy))
+
+    @property
+    def mean_accuracy_teacher_forced(self) -> float:
+        return float(np.mean(self.accuracy_teacher_forced))
+
+    def accuracy_at(self, frames: int, teacher_forced: bool = False) -> float:
+        """Mean over depths at one frame count."""
+        grid = np.array(self.accuracy_teacher_forced if teacher_forced else self.accuracy)
+        return float(grid[:, self.frame_counts.index(frames)].mean())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("cells")
+        data["mean_accuracy"] = self.mean_accuracy
+        data["mean_accuracy_teacher_forced"] = self.mean_accuracy_teacher_forced
+        return data
+
+
+def normalise_answer(text: str) -> str:
+    """LongVILA's comparison: lower-case, all whitespace removed."""
+    return "".join(text.lower().split())
+
+
+def load_needles(path: str | Path) -> tuple[str, list[Needle]]:
+    """Read a `needles.json` as `longvila data synth` writes it: ({haystack video path}, needles)."""
+    path = Path(path)
+    index = json.loads(path.read_text())
+    needles = [Needle(path.parent / n["image"], n["question"], n["answer"]) for n in index["needles"]]
+    return str(path.parent / index["haystack"]), needles
+
+
+def _needle_pixels(processor, image: Any) -> torch.Tensor:
+    if isinstance(image, (str, Path)):
+        from longvila.data.image import load_image
+
+        image = load_image(image)
+    image = np.asarray(image, dtype=np.uint8)
+    return processor.preprocess_frames(image[None] if image.ndim == 3 else image)
+
+
+@torch.no_grad()
+def encode_frames(model, processor, frames: np.ndarray, micro_batch: int = 64) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> (N, P, D) frame embeddings (vision tower + projector), in chunks."""
+    chunks = [
+        model.encode_frames(processor.preprocess_frames(frames[i : i + micro_batch]))
+        for i in range(0, len(frames), micro_batch)
+    ]
+    return torch.cat(chunks)
+
+
+class PromptBuilder:
+    """Token ids around the frames for one question: [prefix] frames [suffix]; embeds whole inputs."""
+
+    def __init__(self, model, processor, question: str):
+        self.model = model
+        size = processor.image_size
+        dummy = np.zeros((1, size, size, 3), dtype=np.uint8)
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "video", "video": dummy}, {"type": "text", "text": question}],
+            }
+        ]
+        ids = processor(messages, num_frames=1, add_generation_prompt=True)["input_ids"]
+        image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        where = (ids == image_id).nonzero().squeeze(1)
+        first, last = int(where[0]), int(where[-1])
+        newline = len(processor.newline_ids)
+        self.prefix = ids[:first]
+        self.newline = ids[last + 1 : last + 1 + newline]
+        self.suffix = ids[last + 1 + newline :]
+        embed = model.llm.get_input_embeddings()
+        device = model.device
+        self.prefix_embeds = embed(self.prefix.to(device))
+        self.newline_embeds = embed(self.newline.to(device))
+        self.suffix_embeds = embed(self.suffix.to(device))
+
+    def embeds(self, frame_embeds: torch.Tensor, answer_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, P, D) frames -> (1, T, D) inputs: prefix, each frame + "\\n", suffix, answer ids."""
+        num, _, width = frame_embeds.shape
+        newline = self.newline_embeds.to(frame_embeds.dtype)[None].expand(num, -1, -1)
+        frames = torch.cat([frame_embeds, newline], dim=1).reshape(-1, width)
+        parts = [self.prefix_embeds.to(frames.dtype), frames, self.suffix_embeds.to(frames.dtype)]
+        if answer_ids is not None:
+            parts.append(
+                self.model.llm.get_input_embeddings()(answer_ids.to(self.model.device)).to(frames.dtype)
+            )
+        return torch.cat(parts)[None]
+
+
+def _cache_kwarg(llm) -> str:
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    """The KV cache of an HF output: `cache` in transformers >= 5.2x, `past_key_values` before."""
+    fields = getattr(type(out), "__dataclass_fields__", {})
+    return out.cache if "cache" in fields else out.past_key_values
+
+
+@torch.no_grad()
+def greedy_generate(model, inputs_embeds: torch.Tensor, max_new_tokens: int, end_ids: list[int]) -> list[int]:
+    """Greedy decoding of one prompt given as embeddings (1, T, D), with the LLM's KV cache."""
+    llm = model.llm
+    out = llm(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
+    cache, tokens = _returned_cache(out), []
+    kwarg = _cache_kwarg(llm)
+    for _ in range(max_new_tokens):
+        token = int(out.logits[0, -1].argmax())
+        tokens.append(token)
+        if token in end_ids:
+            break
+        ids = torch.tensor([[token]], device=inputs_embeds.device)
+        out = llm(input_ids=ids, use_cache=True, logits_to_keep=1, **{kwarg: cache})
+        cache = _returned_cache(out)
+    return tokens
+
+
+@torch.no_grad()
+def teacher_forced_correct(model, builder: PromptBuilder, frame_embeds: torch.Tensor, answer_ids) -> bool:
+    """True when the argmax at every answer position equals the answer token (LongVA's score)."""
+    answer_ids = torch.as_tensor(answer_ids, dtype=torch.long)
+    embeds = builder.embeds(frame_embeds, answer_ids)
+    logits = model.llm(inputs_embeds=embeds, use_cache=False, logits_to_keep=len(answer_ids) + 1).logits
+    predicted = logits[0, :-1].argmax(-1).cpu()
+    return bool((predicted == answer_ids).all())
+
+
+def _end_ids(model, processor) -> list[int]:
+    ids = {processor.im_end_id}
+    eos = getattr(model.llm.config, "eos_token_id", None)
+    ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    return sorted(i for i in ids if i is not None)
+
+
+def insert_needle(haystack: torch.Tensor, needle: torch.Tensor, depth: float) -> torch.Tensor:
+    """(N, P, D) haystack and (1, P, D) needle -> (N + 1, P, D) with the needle at frame round(depth * N)."""
+    at = int(round(depth * haystack.shape[0]))
+    return torch.cat([haystack[:at], needle, haystack[at:]])
+
+
+def _cell_path(out_dir: Path, frames: int, depth: float) -> Path:
+    return out_dir / "cells" / f"frames{frames:06d}_depth{depth:.3f}.json"
+
+
+@torch.no_grad()
+def run_niah(
+    model,
+    processor,
+    haystack_frames: np.ndarray | str | Path,
+    needles: list[Needle] | list[dict[str, Any]],
+    frame_counts: list[int],
+    depths: list[float],
+    out_dir: str | Path | None = None,
+    *,
+    max_new_tokens: int = 8,
+    progress: bool = False,
+) -> NiahGrid:
+    """Sweep frame counts x depths (fractions 0..1); accuracy is the mean over needles in each cell.
+
+    `haystack_frames`: uint8 (N, H, W, 3) with N >= max(frame_counts), or a video path (decoded to
+    max(frame_counts) frames uniformly). A cell whose JSON exists in `out_dir/cells/` is read, not rerun.
+    """
+    began = time.perf_counter()
+    needles = [n if isinstance(n, Needle) else Needle(**n) for n in needles]
+    if not needles:
+        raise ValueError("run_niah needs at least one needle")
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths are fractions in [0, 1], got {depths}")
+    if any(n < 1 for n in frame_counts):
+        raise ValueError(f"frame counts must be >= 1, got {frame_counts}")
+    longest = max(frame_counts)
+    if isinstance(haystack_frames, (str, Path)):
+        from longvila.data.video import decode_frames
+
+        haystack_frames, _ = decode_frames(haystack_frames, num_frames=longest)
+    if len(haystack_frames) < longest:
+        raise ValueError(f"the haystack has {len(haystack_frames)} frames; the sweep needs {longest}")
+    out = Path(out_dir) if out_dir is not None else None
+    was_training = model.training
+    model.eval()
+    haystack = encode_frames(model, processor, np.asarray(haystack_frames[:longest]))
+    needle_embeds = [model.encode_frames(_needle_pixels(processor, n.image)) for n in needles]
+    builders: dict[str, PromptBuilder] = {}
+    end_ids = _end_ids(model, processor)
+    cells = []
+    total = len(frame_counts) * len(depths)
+    for i, (depth, frames) in enumerate((d, f) for d in depths for f in frame_counts):
+        path = _cell_path(out, frames, depth) if out is not None else None
+        if path is not None and path.is_file():
+            cells.append(json.loads(path.read_text()))
+            continue
+        results = []
+        for needle, needle_embed in zip(needles, needle_embeds):
+            builder = builders.setdefault(needle.question, PromptBuilder(model, processor, needle.question))
+            frame_embeds = insert_needle(haystack[:frames], needle_embed, depth)
+            tokens = greedy_generate(model, builder.embeds(frame_embeds), max_new_tokens, end_ids)
+            text = processor.decode(tokens)
+            answer_ids = processor.tokenizer.encode(needle.answer, add_special_tokens=False)
+            results.append(
+                {
+                    "answer": needle.answer,
+                    "generated": text,
+                    "correct": normalise_answer(text) == normalise_answer(needle.answer),
+                    "correct_teacher_forced": teacher_forced_correct(
+                        model, builder, frame_embeds, answer_ids
+                    ),
+                }
+            )
+        cell = {
+            "frames": frames,
+            "depth": depth,
+            "accuracy": float(np.mean([r["correct"] for r in results])),
+            "accuracy_teacher_forced": float(np.mean([r["correct_teacher_forced"] for r in results])),
+            "needles": results,
+        }
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cell, indent=1) + "\n")
+            tmp.replace(path)
+        cells.append(cell)
+        if progress:
+            print(
+                f"  V-NIAH {i + 1}/{total}: {frames} frames, depth {depth:.0%}: {cell['accuracy']:.2f}",
+                flush=True,
+            )
+    model.train(was_training)
+    by_key = {(c["depth"], c["frames"]): c for c in cells}
+    grid = NiahGrid(
+        frame_counts=list(frame_counts),
+        depths=list(depths),
+        accuracy=[[by_key[(d, f)]["accuracy"] for f in frame_counts] for d in depths],
+        accuracy_teacher_forced=[
+            [by_key[(d, f)]["accuracy_teacher_forced"] for f in frame_counts] for d in depths
+        ],
+        num_needles=len(needles),
+        seconds=time.perf_counter() - began,
+        cells=cells,
+    )
+    if out is not None:
+        (out / "grid.json").write_text(json.dumps(grid.to_dict(), indent=1) + "\n")
+    return grid

@@ -1,0 +1,76 @@
+"""One process or many: read torchrun's environment, pick the device, start the process group.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run is a single process and no process
+group is created (torch.distributed.checkpoint works without one).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    global_rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.global_rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from exc
+
+
+def setup_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK and initialise the default group when WORLD_SIZE > 1
+    (nccl on GPU, gloo on CPU unless `backend` says otherwise)."""
+    global_rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device is 'cuda' but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        torch_device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
+        dist.init_process_group(chosen, rank=global_rank, world_size=world_size)
+    return DistInfo(global_rank, world_size, local_rank, torch_device)
+
+
+def teardown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def average_gradients(params: list[torch.nn.Parameter], dp_degree: int) -> None:
+    """Sum gradients over all ranks and divide by the data-parallel degree.
+
+    Under MM-SP the gradients of the ranks of one SP group add up to the group's gradient (DESIGN.md),
+    so the world sum over dp x sp ranks divided by dp is the mean over data-parallel replicas.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        if dp_degree > 1:
+            param.grad.div_(dp_degree)

@@ -1,0 +1,299 @@
+"""The training loop of one stage: recipe in, checkpoints, metrics and an exported model out.
+
+    result = Trainer(load_recipe("tiny/stage1")).fit()
+
+One process or many under torchrun (RANK / WORLD_SIZE): ranks are laid out (dp, ring, ulysses) with the
+sequence-parallel ranks innermost, so the `sp_degree` consecutive ranks of one SP group read the same
+batch and `model(**batch, sp=sp)` splits it among them. The loop accumulates gradients over micro-batches,
+clips, steps AdamW and the schedule, logs, and checkpoints the full state (model, optimizer, scheduler,
+data position, RNG) so that a killed run resumes on the same loss curve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longvila.train import checkpointing as ckpt
+from longvila.train.data import PackCollate, ResumableBatchSampler, build_dataset, build_loader
+from longvila.train.distributed import DistInfo, average_gradients, setup_distributed
+from longvila.train.metrics import MetricsWriter, memory_gib
+from longvila.train.optim import build_optimizer, build_scheduler
+from longvila.train.recipe import Recipe
+from longvila.train.stages import apply_stage, finish_stage, trainable_summary
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_dir: Path | None
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    """Loss of every optimiser step run in this process (not those before a resume)."""
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+
+def build_model(recipe: Recipe):
+    """(model, processor) as `recipe.model` describes; fresh weights are seeded by `run.seed`."""
+    from longvila import LongVILA, LongVILAConfig, LongVILAProcessor
+
+    spec = recipe.model
+    torch.manual_seed(recipe.run.seed)
+    if spec.init == "tiny":
+        config = LongVILAConfig.tiny()
+        config.llm.update(spec.llm_overrides)
+        model, processor = LongVILA(config), LongVILAProcessor.tiny()
+    elif spec.init == "parts":
+        from longvila.text.tokenizer import load_tokenizer
+
+        model = LongVILA.from_parts(spec.llm_path, spec.vision_tower_path)
+        processor = LongVILAProcessor.from_config(model.config, load_tokenizer(spec.llm_path))
+    else:
+        path = Path(spec.init)
+        if not path.is_dir():
+            raise ValueError(f"model.init {spec.init!r}: no such checkpoint directory")
+        model, processor = LongVILA.from_pretrained(path), LongVILAProcessor.from_pretrained(path)
+    if spec.vision_micro_batch:
+        model.config.vision_micro_batch = spec.vision_micro_batch
+        model.vision_tower.micro_batch = spec.vision_micro_batch
+    return model, processor
+
+
+def _autocast(device: torch.device, precision: str):
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, *, dist_info: DistInfo | None = None):
+        self.recipe = recipe
+        self.dist = dist_info or setup_distributed(recipe.run.device, recipe.parallel.backend)
+        sp_degree = recipe.parallel.sp_degree
+        if self.dist.world_size % sp_degree:
+            raise ValueError(
+                f"parallel: ulysses_degree x ring_degree = {sp_degree} does not divide the world size "
+                f"{self.dist.world_size}"
+            )
+        self.dp_degree = self.dist.world_size // sp_degree
+        self.dp_rank = self.dist.global_rank // sp_degree
+        self.run_dir = recipe.run_dir
+        self.sp = None
+        if sp_degree > 1:
+            from longvila.parallel import init_sp
+
+            self.sp = init_sp(ulysses=recipe.parallel.ulysses_degree, ring=recipe.parallel.ring_degree)
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Build model, data, optimizer and schedule (fit() calls it; idempotent). Bad inputs (a missing
+        manifest or checkpoint, a batch size that does not divide) raise here, before any step."""
+        if getattr(self, "_ready", False):
+            return
+        recipe = self.recipe
+        if recipe.run.num_threads:
+            torch.set_num_threads(recipe.run.num_threads)
+        if recipe.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.model, self.processor = build_model(recipe)
+        apply_stage(self.model, recipe.stage)
+        if recipe.train.activation_checkpointing:
+            self.model.llm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        self.model.to(self.dist.device).train()
+        self.dataset = build_dataset(recipe.data, self.processor, recipe.run.seed)
+        self.sampler = ResumableBatchSampler(
+            len(self.dataset),
+            recipe.data.batch_size,
+            seed=recipe.run.seed,
+            shuffle=recipe.data.shuffle,
+            dp_rank=self.dp_rank,
+            dp_degree=self.dp_degree,
+        )
+        self.accum = self._grad_accum_steps()
+        self.max_steps = recipe.train.max_steps or max(
+            1, math.ceil(recipe.train.epochs * self.sampler.batches_per_epoch / self.accum)
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.model, recipe.train)
+        self.scheduler = build_scheduler(self.optimizer, recipe.train, self.max_steps)
+        pad = (
+            getattr(self.sp, "sequence_multiple", 2 * recipe.parallel.sp_degree) if self.sp is not None else 1
+        )
+        self.collate = PackCollate(self.processor, pad_to_multiple_of=pad)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        self._ready = True
+
+    def _grad_accum_steps(self) -> int:
+        train, micro = self.recipe.train, self.recipe.data.batch_size
+        if not train.global_batch_size:
+            return train.grad_accum_steps
+        per_step = micro * self.dp_degree
+        if train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size {train.global_batch_size} is not a multiple of data.batch_size "
+                f"{micro} x {self.dp_degree} data-parallel ranks"
+            )
+        return train.global_batch_size // per_step
+
+    def _resume(self) -> ckpt.TrainProgress:
+        mode = self.recipe.checkpoint.resume
+        if mode == "never":
+            return ckpt.TrainProgress(data=ckpt.DataPosition(sampler_seed=self.recipe.run.seed))
+        path = ckpt.find_latest(self.run_dir / "checkpoints") if mode == "auto" else Path(mode)
+        if path is None:
+            return ckpt.TrainProgress(data=ckpt.DataPosition(sampler_seed=self.recipe.run.seed))
+        progress = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        if progress.data.sampler_seed != self.recipe.run.seed:
+            raise ValueError(
+                f"{path}: written with run.seed {progress.data.sampler_seed}, this recipe has {self.recipe.run.seed}"
+            )
+        return progress
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def _micro_batches(self, position: ckpt.DataPosition):
+        """Yield (batch or None, position after it) forever, epoch after epoch, from `position`."""
+        while True:
+            self.sampler.set_position(position.epoch, position.batch_in_epoch)
+            loader = build_loader(
+                self.dataset,
+                self.sampler,
+                self.collate,
+                self.recipe.data.num_workers,
+                seed=self.recipe.run.seed * 1_000_003 + position.epoch,
+            )
+            for item in loader:
+                position = ckpt.DataPosition(
+                    position.epoch, position.batch_in_epoch + 1, position.sampler_seed
+                )
+                for skipped in item.skipped:
+                    print(f"skipped {skipped.where}: {skipped.reason}", flush=True)
+                yield item.batch, position
+            position = ckpt.DataPosition(position.epoch + 1, 0, position.sampler_seed)
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, int]:
+        device = self.dist.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with _autocast(device, self.recipe.run.precision):
+            out = self.model(**batch, sp=self.sp) if self.sp is not None else self.model(**batch)
+        (out.loss / self.accum).backward()
+        return float(out.loss.detach()), batch["input_ids"].numel(), batch["pixel_values"].shape[0]
+
+    def _step(self, stream) -> tuple[dict[str, Any], ckpt.DataPosition]:
+        start = time.perf_counter()
+        losses, tokens, frames = [], 0, 0
+        position = None
+        for _ in range(self.accum):
+            batch, position = next(stream)
+            if batch is None:  # every sample of this micro-batch was skipped
+                continue
+            loss, n_tokens, n_frames = self._forward_backward(batch)
+            losses.append(loss)
+            tokens += n_tokens
+            frames += n_frames
+        average_gradients(self.params, self.dp_degree)
+        clip = self.recipe.train.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        record = {
+            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": tokens,
+            "frames": frames,
+            "tokens_per_s": tokens * self.dp_degree / seconds,
+            "frames_per_s": frames * self.dp_degree / seconds,
+            "memory_gib": memory_gib(self.dist.device),
+            "step_s": seconds,
+            "epoch": position.epoch,
+        }
+        return record, position
+
+    def fit(self) -> TrainResult:
+        began = time.perf_counter()
+        self.setup()
+        progress = self._resume()
+        resumed_from = progress.step
+        recipe = self.recipe
+        writer = MetricsWriter(
+            self.run_dir,
+            resume_step=progress.step,
+            tensorboard=recipe.logging.tensorboard,
+            enabled=self.dist.is_main,
+        )
+        if self.dist.is_main:
+            info = {**trainable_summary(self.model), "max_steps": self.max_steps, "grad_accum": self.accum}
+            info.update(world_size=self.dist.world_size, dp_degree=self.dp_degree, resumed_from=resumed_from)
+            (self.run_dir / "setup.json").write_text(json.dumps(info, indent=1) + "\n")
+        losses = []
+        bar = _progress_bar(
+            self.max_steps, progress.step, recipe.run.name, self.dist.is_main and recipe.logging.progress_bar
+        )
+        stream = self._micro_batches(progress.data)
+        every = recipe.checkpoint.every_steps
+        while progress.step < self.max_steps:
+            record, progress.data = self._step(stream)
+            progress.step += 1
+            progress.tokens_seen += record["tokens"] * self.dp_degree
+            losses.append(record["loss"])
+            if progress.step % recipe.logging.every_steps == 0 or progress.step == self.max_steps:
+                writer.log({"step": progress.step, **record, "tokens_seen": progress.tokens_seen})
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            if every and progress.step % every == 0 and progress.step < self.max_steps:
+                ckpt.save_checkpoint(
+                    self.run_dir / "checkpoints",
+                    progress,
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    keep_last=recipe.checkpoint.keep_last,
+                )
+        bar.close()
+        writer.close()
+        final_dir = self._export() if recipe.checkpoint.save_final else None
+        return TrainResult(
+            run_dir=self.run_dir,
+            final_dir=final_dir,
+            steps=progress.step,
+            losses=losses,
+            resumed_from=resumed_from,
+            seconds=time.perf_counter() - began,
+        )
+
+    def _export(self) -> Path:
+        finish_stage(self.model, self.recipe.stage)
+        final = self.run_dir / "final"
+        if self.dist.is_main:
+            self.model.to("cpu").eval()
+            self.model.save_pretrained(final, processor=self.processor)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return final
+
+
+def _progress_bar(total: int, initial: int, name: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=name, disable=not enabled, dynamic_ncols=True)
+
+
+def train(recipe: Recipe) -> TrainResult:
+    """Run one stage from its recipe."""
+    return Trainer(recipe).fit()
