@@ -149,6 +149,8 @@ class LongVILAProcessor:
     def preprocess_frames(self, frames_THWC: np.ndarray) -> torch.Tensor:
         """uint8 (T, H, W, 3) -> float32 (T, 3, S, S): bicubic resize to the tower's square size,
         scale to [0, 1], normalise with the tower's mean and std (SigLIP: 0.5, 0.5)."""
+        if not frames_THWC.flags.writeable:  # decoded or PIL-backed arrays may be read-only
+            frames_THWC = frames_THWC.copy()
         x = torch.from_numpy(np.ascontiguousarray(frames_THWC)).permute(0, 3, 1, 2).float()
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
@@ -181,7 +183,7 @@ class LongVILAProcessor:
             except ValueError as exc:
                 raise ValueError(f"image {item}: {exc}") from exc
         if hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
-            return check_frames(np.asarray(item.convert("RGB")), "image")
+            return check_frames(np.array(item.convert("RGB")), "image")
         return check_frames(item, "image")
 
     # ---- one sample ----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ DATA_SIZES = {
     "vniah": {"haystack_seconds": 8, "num_needles": 2},
 }
 FULL = {
-    "steps": {1: 20, 2: 20, 3: 20, 4: 20, 5: 400},
+    "steps": {1: 20, 2: 20, 3: 20, 4: 20, 5: 1000},
     "train_frames": 32,
     "frame_counts": [8, 16, 32, 64, 128],
     "depths": [0.0, 0.25, 0.5, 0.75, 1.0],

@@ -54,7 +54,12 @@ def set_activation_checkpointing(
         raise ValueError(f"activation checkpointing mode {mode!r} is not one of {MODES}")
     llm = model.llm
     if mode == "none":
-        if getattr(llm, "is_activation_checkpointing", getattr(llm, "is_gradient_checkpointing", False)):
+        name = (
+            "is_activation_checkpointing"
+            if hasattr(type(llm), "is_activation_checkpointing")
+            else ("is_gradient_checkpointing")
+        )
+        if getattr(llm, name, False):
             (getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable)()
         model.vision_tower.gradient_checkpointing = False
         return

@@ -137,15 +137,31 @@ class LongVILA(nn.Module):
                 f"input_ids hold {num_image_tokens} <image> tokens but pixel_values has {frames} frames "
                 f"x {self.config.tokens_per_frame} tokens = {expected}"
             )
+        # Under a parallel strategy every rank must give every trainable parameter a gradient, or the
+        # ranks' gradient reductions (FSDP2 reduce-scatters) stop matching; a rank with no frame to encode
+        # runs the tower on one blank frame at zero weight instead.
+        keep_vision_in_graph = sp is not None and self.training and torch.is_grad_enabled()
         if frames == 0:
-            return embeds
+            return self._touch_vision(embeds) if keep_vision_in_graph else embeds
         if sp is not None and sp.sp_degree > 1:
             local = sp.split_frames(pixel_values)
-            frame_embeds = sp.gather_frames(self.encode_frames(local), total=frames)
+            local_embeds = self.encode_frames(local)
+            if local.shape[0] == 0 and keep_vision_in_graph:
+                local_embeds = self._touch_vision(local_embeds)
+            frame_embeds = sp.gather_frames(local_embeds, total=frames)
         else:
             frame_embeds = self.encode_frames(pixel_values)
         flat = frame_embeds.reshape(-1, frame_embeds.shape[-1]).to(embeds.dtype)
         return embeds.masked_scatter(is_image[..., None], flat)
+
+    def _touch_vision(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` plus zero times the vision path on one blank frame: same values, and the vision tower
+        and projector take part in backward (with zero gradients)."""
+        size = self.config.image_size
+        blank = torch.zeros(
+            1, 3, size, size, device=self.device, dtype=self.mm_projector.layers[2].weight.dtype
+        )
+        return tensor + 0.0 * self.encode_frames(blank).sum().to(tensor.dtype)
 
     def _decoder(self, embeds: torch.Tensor, position_ids: torch.Tensor, ctx: AttentionContext, cache=None):
         kwargs = {"inputs_embeds": embeds, "position_ids": position_ids, "longvila_ctx": ctx}

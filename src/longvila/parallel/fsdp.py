@@ -35,6 +35,9 @@ def fully_shard_model(
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
             module.set_gradient_divide_factor(1.0)
+            # A plain SUM reduce-scatter: a divide factor otherwise becomes PREMUL_SUM, which gloo lacks.
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
     return model
 
 

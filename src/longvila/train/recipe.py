@@ -224,6 +224,10 @@ class ParallelSection:
     """Ranks passing K/V around a ring (across nodes)."""
     backend: str = "auto"
     """Process-group backend: `auto` (nccl on GPU, gloo on CPU), `nccl` or `gloo`."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state with FSDP2 over all ranks (dp x sp); gradients are
+    weighted so the optimizer sees the mean over every supervised token of the global batch. Off: every
+    rank holds the whole model and gradients are all-reduced."""
 
     @property
     def sp_degree(self) -> int:

@@ -88,7 +88,8 @@ class Trainer:
         self.dp_rank = self.dist.global_rank // sp_degree
         self.run_dir = recipe.run_dir
         self.sp = None
-        if sp_degree > 1:
+        self.fsdp = recipe.parallel.fsdp and self.dist.world_size > 1
+        if sp_degree > 1 or self.fsdp:
             from longvila.parallel import init_sp
 
             self.sp = init_sp(ulysses=recipe.parallel.ulysses_degree, ring=recipe.parallel.ring_degree)
@@ -107,10 +108,14 @@ class Trainer:
         self.model, self.processor = build_model(recipe)
         apply_stage(self.model, recipe.stage)
         if recipe.train.activation_checkpointing:
-            self.model.llm.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            from longvila.model.memory import set_activation_checkpointing
+
+            set_activation_checkpointing(self.model, "full")
         self.model.to(self.dist.device).train()
+        if self.fsdp:
+            from longvila.parallel.fsdp import fully_shard_model
+
+            fully_shard_model(self.model, self.model.llm.get_decoder().layers)
         self.dataset = build_dataset(recipe.data, self.processor, recipe.run.seed)
         self.sampler = ResumableBatchSampler(
             len(self.dataset),
@@ -188,7 +193,12 @@ class Trainer:
         batch = {k: v.to(device) for k, v in batch.items()}
         with _autocast(device, self.recipe.run.precision):
             out = self.model(**batch, sp=self.sp) if self.sp is not None else self.model(**batch)
-        (out.loss / self.accum).backward()
+        weight = 1.0
+        if self.fsdp:  # FSDP sums gradients over all ranks: weight this group's mean by its tokens
+            from longvila.parallel.fsdp import global_loss_weight
+
+            weight = global_loss_weight(out.num_supervised, self.sp, device=out.loss.device)
+        (out.loss * weight / self.accum).backward()
         return float(out.loss.detach()), batch["input_ids"].numel(), batch["pixel_values"].shape[0]
 
     def _step(self, stream) -> tuple[dict[str, Any], ckpt.DataPosition]:
@@ -203,7 +213,8 @@ class Trainer:
             losses.append(loss)
             tokens += n_tokens
             frames += n_frames
-        average_gradients(self.params, self.dp_degree)
+        if not self.fsdp:
+            average_gradients(self.params, self.dp_degree)
         clip = self.recipe.train.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]
@@ -278,11 +289,23 @@ class Trainer:
         )
 
     def _export(self) -> Path:
-        finish_stage(self.model, self.recipe.stage)
         final = self.run_dir / "final"
+        model = self.model
+        if self.fsdp:
+            # Gather the sharded weights into an unsharded copy of the same model (a collective).
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            if self.dist.is_main:
+                model, _ = build_model(self.recipe)
+                apply_stage(model, self.recipe.stage)
+                model.load_state_dict(full)
         if self.dist.is_main:
-            self.model.to("cpu").eval()
-            self.model.save_pretrained(final, processor=self.processor)
+            finish_stage(model, self.recipe.stage)
+            model.to("cpu").eval()
+            model.save_pretrained(final, processor=self.processor)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
         return final
