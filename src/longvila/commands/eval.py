@@ -26,8 +26,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     qa.add_argument("--no-progress", action="store_true", help="no progress bar")
     niah = sub.add_parser("niah", help="video needle in a haystack (V-NIAH)")
     niah.add_argument("--model", required=True, help="checkpoint directory")
-    niah.add_argument("--out", default="eval_niah", help="output folder")
-    niah.add_argument("options", nargs=argparse.REMAINDER, help="further options for run_niah")
+    niah.add_argument("--out", default="eval_niah", help="output folder (one JSON per cell: reruns resume)")
+    niah.add_argument(
+        "--haystack", default="synthetic", help="a video file, or `synthetic` (seeded noise frames)"
+    )
+    niah.add_argument(
+        "--needles",
+        default="synthetic",
+        help="needles.json as `longvila data synth` writes it (or its folder), or `synthetic` (colour frames)",
+    )
+    niah.add_argument(
+        "--frames", default="300:6000:300", help="frame counts: start:stop:step (inclusive) or a,b,c"
+    )
+    niah.add_argument(
+        "--depths", default="0:100:20", help="needle depths in percent: start:stop:step or a,b,c"
+    )
+    niah.add_argument("--num-needles", type=int, default=10, help="synthetic needles (colours), at most 10")
+    niah.add_argument("--seed", type=int, default=0, help="seed of the synthetic haystack")
+    niah.add_argument("--max-new-tokens", type=int, default=8)
+    niah.add_argument("--progress", action="store_true", help="a line per cell")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,17 +89,74 @@ def run_videoqa_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_niah_command(args: argparse.Namespace) -> int:
+def parse_grid(text: str, what: str) -> list[int]:
+    """`start:stop:step` (stop included) or a comma list of integers."""
     try:
-        from longvila.eval import niah
-    except ImportError:
-        niah = None
-    if getattr(niah, "run_niah", None) is None:
-        print(
-            "longvila eval niah: not available in this version (longvila.eval.niah.run_niah)", file=sys.stderr
-        )
-        return 2
-    # run_niah(model, processor, haystack_frames, needles, frame_counts, depths, out_dir) has landed; the
-    # options that feed it (haystack video, needles file, frame counts, depths) are wired by its owner.
-    print("longvila eval niah: the command line for run_niah is not wired yet", file=sys.stderr)
-    return 2
+        if ":" in text:
+            start, stop, step = (int(x) for x in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            return list(range(start, stop + 1, step))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(
+            f"{what} {text!r}: expected start:stop:step with step > 0, or a comma list"
+        ) from None
+
+
+def run_niah_command(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from longvila.eval.niah import Needle, load_needles, run_niah
+    from longvila.eval.plots import plot_niah_heatmap
+
+    try:
+        frame_counts = parse_grid(args.frames, "--frames")
+        depths = [d / 100.0 for d in parse_grid(args.depths, "--depths")]
+        model, processor = _load(args.model)
+        haystack: object = args.haystack
+        if args.needles == "synthetic":
+            from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame
+
+            if not 1 <= args.num_needles <= len(COLOUR_NAMES):
+                raise ValueError(f"--num-needles {args.num_needles}: between 1 and {len(COLOUR_NAMES)}")
+            size = processor.image_size
+            needles = [
+                Needle(needle_frame(c, size), NEEDLE_QUESTION, c) for c in COLOUR_NAMES[: args.num_needles]
+            ]
+        else:
+            path = Path(args.needles)
+            path = path / "needles.json" if path.is_dir() else path
+            if not path.exists():
+                raise FileNotFoundError(f"needles file not found: {path}")
+            default_haystack, needles = load_needles(path)
+            if args.haystack == "synthetic" and Path(default_haystack).exists():
+                haystack = default_haystack
+        if haystack == "synthetic":
+            from longvila.train.data import noise_frames
+
+            # The demo's held-out haystack stream, so `eval niah` on the demo's model reproduces its grid.
+            haystack = noise_frames(
+                np.random.default_rng([args.seed, 99]), max(frame_counts), processor.image_size
+            )
+        elif not Path(str(haystack)).exists():
+            raise FileNotFoundError(f"haystack video not found: {haystack}")
+        out = Path(args.out)
+        grid = run_niah(model, processor, haystack, needles, frame_counts, depths, out,
+                        max_new_tokens=args.max_new_tokens, progress=args.progress)  # fmt: skip
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"longvila eval niah: {exc}", file=sys.stderr)
+        return 1
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(grid.to_dict(), indent=2) + "\n")
+    png = plot_niah_heatmap(grid, out / "niah.png", title=f"V-NIAH: {args.model}")
+    for frames in frame_counts:
+        print(f"{frames:>7} frames: {grid.accuracy_at(frames):.3f}  (teacher-forced "
+              f"{grid.accuracy_at(frames, teacher_forced=True):.3f})")  # fmt: skip
+    print(
+        f"mean {grid.mean_accuracy:.3f} over {len(depths)} depths; report {out / 'report.json'}, heat map {png}"
+    )
+    return 0
