@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from longvila.data.synthetic import COLOURS as SYNTHETIC_COLOURS
 from longvila.eval.letters import build_prompt, extract_letter, option_letters
 
 PREDICTIONS = "predictions.jsonl"
@@ -266,14 +267,8 @@ def run_videoqa(
 
 
 # ---- a synthetic file for tests and smoke runs ------------------------------------------------------
-COLOURS = {
-    "red": (220, 30, 30),
-    "green": (30, 200, 30),
-    "blue": (30, 30, 220),
-    "yellow": (230, 220, 40),
-    "white": (240, 240, 240),
-    "black": (10, 10, 10),
-}
+# One-colour videos use the synthetic sets' palette (six clearly distinct colours of it).
+COLOURS = {name: SYNTHETIC_COLOURS[name] for name in ("red", "green", "blue", "yellow", "white", "black")}
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
