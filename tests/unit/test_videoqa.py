@@ -146,6 +146,18 @@ def test_missing_data_file_is_a_clean_error(bench, tmp_path, capsys):
     assert "none.jsonl" in capsys.readouterr().err
 
 
-def test_niah_reports_when_unavailable(bench, capsys):
-    assert main(["eval", "niah", "--model", str(bench[0] / "model")]) == 2
-    assert "niah" in capsys.readouterr().err
+def test_eval_niah_runs_a_small_grid_and_rejects_bad_grids(bench, tmp_path, capsys):
+    model = str(bench[0] / "model")
+    out = tmp_path / "niah"
+    argv = ["eval", "niah", "--model", model, "--frames", "2,4", "--depths", "0:100:50", "--num-needles", "2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["frame_counts"] == [2, 4] and report["depths"] == [0.0, 0.5, 1.0]
+    assert len(list((out / "cells").glob("*.json"))) == 6 and (out / "niah.png").exists()
+    assert main(["eval", "niah", "--model", model, "--frames", "10:2:1", "--out", str(out)]) == 1
+    assert "--frames '10:2:1'" in capsys.readouterr().err
+    assert (
+        main(["eval", "niah", "--model", model, "--needles", str(tmp_path / "none.json"), "--out", str(out)])
+        == 1
+    )
+    assert "none.json" in capsys.readouterr().err
