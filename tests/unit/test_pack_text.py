@@ -177,3 +177,25 @@ def test_bad_inputs_are_named(tmp_path):
         pack_text(bad, tmp_path / "out", "tiny", 16)
     with pytest.raises(FileNotFoundError, match="index.json"):
         PackedTextDataset(tmp_path / "out")  # a failed run leaves no index
+
+
+def test_stage4_trains_on_packed_text_through_the_trainer(tmp_path):
+    """`data.kind: packed_text` feeds `longvila data pack-text` rows to the trainer (stage 4, LoRA)."""
+    from longvila.train.metrics import read_metrics
+    from longvila.train.recipe import load_recipe
+    from longvila.train.trainer import train
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"text": f"document {i} " + "word " * (20 + i)}) + "\n" for i in range(40))
+    )
+    pack_text([corpus], tmp_path / "packed", tokenizer="tiny", length=128, workers=1)
+    overrides = ["--run.root", str(tmp_path / "runs"), "--model.init", "tiny", "--data.kind", "packed_text",
+                 "--data.packed_text_dir", str(tmp_path / "packed"), "--data.batch_size", "1",
+                 "--train.max_steps", "3", "--logging.progress_bar", "false", "--checkpoint.save_final", "false"]  # fmt: skip
+    recipe = load_recipe("tiny/stage4", overrides)
+    result = train(recipe)
+    losses = [r["loss"] for r in read_metrics(result.run_dir / "metrics.jsonl")]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    with pytest.raises(ValueError, match="data.batch_size must be 1"):
+        load_recipe("tiny/stage4", [*overrides, "--data.batch_size", "2"])

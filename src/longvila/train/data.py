@@ -114,6 +114,10 @@ def build_dataset(data, processor, seed: int) -> torch.utils.data.Dataset:
         )
     if data.kind == "passkey":
         return PasskeyDataset(processor, num_samples=data.num_samples, words=data.text_words, seed=seed)
+    if data.kind == "packed_text":
+        from longvila.data.pack_text import PackedTextDataset
+
+        return PackedTextDataset(data.packed_text_dir)
     return ManifestDataset(
         data.manifest,
         processor,
@@ -123,6 +127,25 @@ def build_dataset(data, processor, seed: int) -> torch.utils.data.Dataset:
         max_frames=data.max_frames,
         on_error=data.on_error,
     )
+
+
+class PackedRowCollate:
+    """Rows of `longvila data pack-text` are already packed: check the layout multiple, pass them on."""
+
+    def __init__(self, pad_to_multiple_of: int = 1):
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        from longvila.data.pack_text import PackedTextDataset
+
+        row = PackedTextDataset.collate(rows)
+        length = row["input_ids"].shape[1]
+        if length % self.pad_to_multiple_of:
+            raise ValueError(
+                f"packed text rows of {length} tokens do not divide into the parallel layout's multiple "
+                f"{self.pad_to_multiple_of}: pack with a --length that does"
+            )
+        return row
 
 
 class PackCollate:

@@ -26,7 +26,7 @@ import yaml
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 """Packaged recipes (`recipes/` at the repository root links here)."""
 
-DATA_KINDS = ("manifest", "needle", "passkey")
+DATA_KINDS = ("manifest", "needle", "passkey", "packed_text")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -88,11 +88,14 @@ class DataSection:
     kind: str = "manifest"
     """`manifest` (a JSONL manifest, LLaVA/VILA layout), `needle` (synthetic long-video needle QA made in
     memory: one flat-colour frame in noise, lengths log-uniform in [min_frames, num_frames]) or `passkey`
-    (synthetic text-only passkey retrieval made in memory)."""
+    (synthetic text-only passkey retrieval made in memory) or `packed_text` (rows written by
+    `longvila data pack-text`, for stage 4)."""
     manifest: str | None = None
     """Path of the JSONL manifest (`kind: manifest`)."""
     media_root: str | None = None
     """Folder that relative media paths resolve against (default: the manifest's folder)."""
+    packed_text_dir: str | None = None
+    """Output folder of `longvila data pack-text` (`kind: packed_text`); each row is one micro-batch."""
     num_frames: int = 8
     """Frames sampled uniformly per video; the longest haystack for `kind: needle`."""
     min_frames: int = 1
@@ -121,6 +124,13 @@ class DataSection:
         _choice("data.on_error", self.on_error, ("skip", "raise"))
         if self.kind == "manifest" and not self.manifest:
             raise ValueError("data.manifest must be set when data.kind is 'manifest'")
+        if self.kind == "packed_text":
+            if not self.packed_text_dir:
+                raise ValueError("data.packed_text_dir must be set when data.kind is 'packed_text'")
+            if self.batch_size != 1:
+                raise ValueError(
+                    f"data.batch_size must be 1 for packed_text rows (already packed), got {self.batch_size}"
+                )
         for key in ("num_frames", "min_frames", "text_words", "num_samples", "frame_size", "batch_size"):
             _at_least(f"data.{key}", getattr(self, key), 1)
         _at_least("data.num_workers", self.num_workers, 0)

@@ -22,7 +22,13 @@ from typing import Any
 import torch
 
 from longvila.train import checkpointing as ckpt
-from longvila.train.data import PackCollate, ResumableBatchSampler, build_dataset, build_loader
+from longvila.train.data import (
+    PackCollate,
+    PackedRowCollate,
+    ResumableBatchSampler,
+    build_dataset,
+    build_loader,
+)
 from longvila.train.distributed import DistInfo, average_gradients, setup_distributed
 from longvila.train.metrics import MetricsWriter, memory_gib
 from longvila.train.optim import build_optimizer, build_scheduler
@@ -135,7 +141,10 @@ class Trainer:
         pad = (
             getattr(self.sp, "sequence_multiple", 2 * recipe.parallel.sp_degree) if self.sp is not None else 1
         )
-        self.collate = PackCollate(self.processor, pad_to_multiple_of=pad)
+        if recipe.data.kind == "packed_text":
+            self.collate = PackedRowCollate(pad_to_multiple_of=pad)
+        else:
+            self.collate = PackCollate(self.processor, pad_to_multiple_of=pad)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
@@ -199,7 +208,8 @@ class Trainer:
 
             weight = global_loss_weight(out.num_supervised, self.sp, device=out.loss.device)
         (out.loss * weight / self.accum).backward()
-        return float(out.loss.detach()), batch["input_ids"].numel(), batch["pixel_values"].shape[0]
+        frames = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
+        return float(out.loss.detach()), batch["input_ids"].numel(), frames
 
     def _step(self, stream) -> tuple[dict[str, Any], ckpt.DataPosition]:
         start = time.perf_counter()
