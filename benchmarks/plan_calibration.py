@@ -31,6 +31,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "plan_calibration.json"
 
+MID_LLM = dict(
+    hidden_size=384,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=64,
+)
+"""The mid-size LLM (Qwen2 layout, 4 layers) of several calibration cases."""
+
 # name -> llm: overrides of LongVILAConfig.tiny's LLM; vocab; dtype; tokens, frames and supervised tokens of
 # the packed row; ckpt: activation checkpointing of the LLM layers.
 CASES: dict[str, dict] = {
@@ -52,14 +62,7 @@ CASES: dict[str, dict] = {
     ),
     "tiny": dict(llm={}, vocab=151936, dtype="float32", tokens=4096, frames=16, supervised=256, ckpt=False),
     "mid": dict(
-        llm=dict(
-            hidden_size=384,
-            intermediate_size=1024,
-            num_hidden_layers=4,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            head_dim=64,
-        ),
+        llm=MID_LLM,
         vocab=151936,
         dtype="float32",
         tokens=4096,
@@ -84,14 +87,7 @@ CASES: dict[str, dict] = {
         ckpt=False,
     ),
     "mid-bf16": dict(
-        llm=dict(
-            hidden_size=384,
-            intermediate_size=1024,
-            num_hidden_layers=4,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            head_dim=64,
-        ),
+        llm=MID_LLM,
         vocab=151936,
         dtype="bfloat16",
         tokens=4096,
@@ -100,14 +96,7 @@ CASES: dict[str, dict] = {
         ckpt=False,
     ),
     "mid-ckpt": dict(
-        llm=dict(
-            hidden_size=384,
-            intermediate_size=1024,
-            num_hidden_layers=4,
-            num_attention_heads=6,
-            num_key_value_heads=2,
-            head_dim=64,
-        ),
+        llm=MID_LLM,
         vocab=151936,
         dtype="float32",
         tokens=4096,

@@ -33,11 +33,7 @@ def main() -> None:
     parser.add_argument("--variants", default="hf,longvila")
     parser.add_argument("--out")
     args = parser.parse_args()
-    from transformers import DynamicCache
-
     from longvila import LongVILA, LongVILAConfig
-    from longvila.model.attention import AttentionContext
-    from longvila.model.generation import _prefill
 
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     config = LongVILAConfig(
@@ -65,8 +61,7 @@ def main() -> None:
                     )
                     return out.logits[:, -1].argmax(-1)
                 model.llm.config._attn_implementation = "longvila"
-                hidden = _prefill(model, embeds, positions, AttentionContext(), DynamicCache(), args.chunk)
-                return model._head()(hidden).argmax(-1)
+                return model.generate(inputs_embeds=embeds, max_new_tokens=1, prefill_chunk_size=args.chunk)
 
             try:
                 with peak_memory(args.device, case):

@@ -20,7 +20,6 @@ Shapes: N frames, P tokens per frame, D LLM width, T tokens.
 
 from __future__ import annotations
 
-import inspect
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -147,31 +146,15 @@ class PromptBuilder:
         return torch.cat(parts)[None]
 
 
-def _cache_kwarg(llm) -> str:
-    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
-
-
-def _returned_cache(out):
-    """The KV cache of an HF output: `cache` in transformers >= 5.2x, `past_key_values` before."""
-    fields = getattr(type(out), "__dataclass_fields__", {})
-    return out.cache if "cache" in fields else out.past_key_values
-
-
 @torch.no_grad()
 def greedy_generate(model, inputs_embeds: torch.Tensor, max_new_tokens: int, end_ids: list[int]) -> list[int]:
     """Greedy decoding of one prompt given as embeddings (1, T, D), with the LLM's KV cache."""
-    llm = model.llm
-    out = llm(inputs_embeds=inputs_embeds, use_cache=True, logits_to_keep=1)
-    cache, tokens = _returned_cache(out), []
-    kwarg = _cache_kwarg(llm)
-    for _ in range(max_new_tokens):
-        token = int(out.logits[0, -1].argmax())
-        tokens.append(token)
+    tokens = model.generate(inputs_embeds=inputs_embeds, max_new_tokens=max_new_tokens, eos_token_id=end_ids)
+    tokens = tokens[0].tolist()
+    # Stop at (and keep) the first end id, as LongVILA's decoding does; the rest is padding.
+    for i, token in enumerate(tokens):
         if token in end_ids:
-            break
-        ids = torch.tensor([[token]], device=inputs_embeds.device)
-        out = llm(input_ids=ids, use_cache=True, logits_to_keep=1, **{kwarg: cache})
-        cache = _returned_cache(out)
+            return tokens[: i + 1]
     return tokens
 
 

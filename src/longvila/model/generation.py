@@ -100,6 +100,7 @@ def generate_tokens(
     streamer=None,
     sp=None,
     prefill_chunk_size=None,
+    inputs_embeds=None,
 ) -> torch.Tensor:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -108,6 +109,8 @@ def generate_tokens(
         pad_token_id = end_ids[0] if end_ids else 0
     sampling = (do_sample, temperature, top_k, top_p, generator)
     if sp is not None and sp.sp_degree > 1:
+        if inputs_embeds is not None:
+            raise NotImplementedError("sequence-parallel generation takes token ids, not inputs_embeds")
         return _generate_sp(
             model,
             input_ids,
@@ -120,7 +123,10 @@ def generate_tokens(
             pad_token_id,
             streamer,
         )
-    prompts = _split_prompts(model, input_ids, pixel_values, cu_seqlens, None)
+    if inputs_embeds is not None:  # prompts already embedded (e.g. V-NIAH's spliced needle), one per row
+        prompts = list(inputs_embeds[None] if inputs_embeds.ndim == 2 else inputs_embeds)
+    else:
+        prompts = _split_prompts(model, input_ids, pixel_values, cu_seqlens, None)
     device = model.device
     batch = len(prompts)
     longest = max(p.shape[0] for p in prompts)

@@ -281,7 +281,7 @@ class LongVILA(nn.Module):
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
@@ -296,6 +296,7 @@ class LongVILA(nn.Module):
         streamer=None,
         sp=None,
         prefill_chunk_size: int | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         **unused: Any,
     ) -> torch.Tensor:
         """Continue every prompt of the (packed) batch; returns (num prompts, new tokens) LongTensor.
@@ -305,7 +306,8 @@ class LongVILA(nn.Module):
         `eos_token_id` (the model config's end ids by default); finished prompts are padded with
         `pad_token_id`. `streamer` (HF-style, with `put(ids)` and `end()`) receives each new token.
         `prefill_chunk_size` prefills long prompts chunk by chunk (same tokens, a fraction of the
-        activation memory: how a 2,048-frame, 400K-token prompt fits one GPU).
+        activation memory: how a 2,048-frame, 400K-token prompt fits one GPU). `inputs_embeds` (B, T, D)
+        replaces `input_ids`/`pixel_values` with prompts already embedded (one per row, no padding).
         """
         from longvila.model.generation import generate_tokens
 
@@ -325,4 +327,5 @@ class LongVILA(nn.Module):
             streamer=streamer,
             sp=sp,
             prefill_chunk_size=prefill_chunk_size,
+            inputs_embeds=inputs_embeds,
         )
