@@ -20,3 +20,21 @@ def tiny_model():
 
     torch.manual_seed(0)
     return LongVILA(LongVILAConfig.tiny()).eval()
+
+
+# Once every test has run and the summary is printed, leave without interpreter teardown. A native thread
+# started by one of the libraries under test (seen once in CI as "terminate called without an active
+# exception" after "403 passed") can abort the process during teardown and turn a green run red; the
+# exit status pytest computed (failures, or 5 for "no tests") is kept as it is.
+def pytest_sessionfinish(session, exitstatus):
+    session.config._longvila_exit_status = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    status = getattr(config, "_longvila_exit_status", None)
+    if status is not None and os.environ.get("LONGVILA_PYTEST_HARD_EXIT", "1") == "1":
+        import sys
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
