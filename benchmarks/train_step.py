@@ -96,7 +96,8 @@ def run_case(variant: str, name: str, tokens: int, device: str, dtype, steps: in
     state = {}
     try:
         state["model"], state["optimizer"], loss_fn, config = build(variant, name, device, dtype)
-        ids = torch.randint(0, config["vocab_size"], (1, tokens), device=device)
+        # Id 0 stands for <image> in the text-only LongVILA model (image_token_id=0): never draw it.
+        ids = torch.randint(1, config["vocab_size"], (1, tokens), device=device)
 
         def one_step():
             loss = loss_fn(ids)

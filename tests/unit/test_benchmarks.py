@@ -10,12 +10,13 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 def run(script, *args, tmp_path):
     out = tmp_path / f"{script}.json"
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, str(BENCH / script), *args, "--out", str(out)],
-        check=True,
         capture_output=True,
+        text=True,
         timeout=600,
     )
+    assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
 
