@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,26 +87,50 @@ def test_comm_bytes_equal_sp_code_formula(ulysses, ring, dtype_bytes):
         assert ours == theirs
 
 
-def _step(layout, inter_node_gbps=50.0, model="7b"):
-    hardware = H100.with_links(inter_node_gbps=inter_node_gbps)
+def _step(layout, model="7b", **links):
+    hardware = H100.with_links(**links)
     return evaluate(PRESETS[model], layout, Workload(tokens=PAPER_TOKENS), hardware)
 
 
 def test_2d_beats_zigzag_ring_across_nodes_at_64_gpus():
+    # The planner's defaults: the ring's cross-node hops at the efficiency fitted to the paper's
+    # measured ring (benchmarks/plan_ring_fit.py), the kernel slowed by the measured overlap cost.
     ring = _step(Layout(ulysses=1, ring=64))
     two_d = _step(Layout(ulysses=4, ring=16))
     assert ring.fits and two_d.fits
     assert ring.time.ring_link == "infiniband"
-    # Direction at the paper's nominal links: 2D is faster, by the ring's exposed per-step costs.
-    assert two_d.time.total < ring.time.total
-    assert two_d.time.ring_exposed * 3 < ring.time.ring_exposed
-    # Rough size of the paper's gap (77.2 vs 16.9 s) appears once the ring's cross-node hops run at
-    # the few GB/s the paper's ring must have seen (docs/scaling.md): at least 2x.
-    slow_ring = _step(Layout(ulysses=1, ring=64), inter_node_gbps=5.0)
-    slow_two_d = _step(Layout(ulysses=4, ring=16), inter_node_gbps=5.0)
-    assert slow_ring.time.total >= 2 * slow_two_d.time.total
-    eight_b = _step(Layout(ulysses=8, ring=8), inter_node_gbps=5.0, model="8b")
-    assert _step(Layout(ulysses=1, ring=64), 5.0, "8b").time.total >= 2 * eight_b.time.total
+    assert ring.time.total >= 2 * two_d.time.total  # 7B (Qwen2, 4 KV heads)
+    eight_b = _step(Layout(ulysses=8, ring=8), "8b")
+    eight_b_ring = _step(Layout(ulysses=1, ring=64), "8b")
+    assert 3.5 * eight_b.time.total <= eight_b_ring.time.total <= 5.7 * eight_b.time.total
+    # With the hops at the full 50 GB/s the ring is compute-bound and hides its traffic: 2D still
+    # wins (by the ring's exposed per-step costs), but only narrowly.
+    full_ring = _step(Layout(ulysses=1, ring=64), ring_p2p_efficiency=1.0)
+    full_two_d = _step(Layout(ulysses=4, ring=16), ring_p2p_efficiency=1.0)
+    assert full_two_d.time.total < full_ring.time.total < 1.2 * full_two_d.time.total
+    assert full_two_d.time.ring_exposed * 3 < full_ring.time.ring_exposed
+    # The ring is what separates them: the matmuls and vision are the same work per GPU.
+    assert ring.time.linear == pytest.approx(two_d.time.linear)
+
+
+def test_ring_overlap_slowdown_follows_the_measured_points():
+    assert H100.ring_overlap_slowdown(4096) == pytest.approx(0.186)
+    assert H100.ring_overlap_slowdown(32768) == pytest.approx(0.042)
+    assert H100.ring_overlap_slowdown(1024) == pytest.approx(0.186)
+    assert H100.ring_overlap_slowdown(1 << 20) == 0.0
+    values = [H100.ring_overlap_slowdown(t) for t in (4096, 8192, 16384, 32768, 65536)]
+    assert values == sorted(values, reverse=True)
+    with pytest.raises(ValueError, match="ring_p2p_efficiency"):
+        H100.with_links(ring_p2p_efficiency=0.0)
+
+
+def test_shipped_ring_efficiency_is_the_fit_to_the_paper():
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "plan_ring_fit.py"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--check"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fitted ring_p2p_efficiency" in done.stdout
 
 
 def test_pure_ulysses_is_capped_by_heads_and_node():

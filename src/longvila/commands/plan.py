@@ -26,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (NVLink domain)")
     parser.add_argument("--intra-node-gbps", type=float, default=900.0, help="NVLink GB/s per GPU")
     parser.add_argument("--inter-node-gbps", type=float, default=50.0, help="InfiniBand GB/s per GPU")
+    parser.add_argument(
+        "--ring-p2p-efficiency",
+        type=float,
+        default=None,
+        help="fraction of the inter-node link a ring's cross-node hops reach (default 0.10, fitted to the "
+        "paper's zigzag ring; measure yours with benchmarks/ring_p2p.py)",
+    )
     parser.add_argument("--gpu", default="h100", help="accelerator whose measured rates to use")
     parser.add_argument("--frozen-vision", action="store_true", help="the vision tower is not trained")
     parser.add_argument("--top", type=int, default=12, help="rows of the table (0: all)")
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
             intra_node_gbps=args.intra_node_gbps,
             inter_node_gbps=args.inter_node_gbps,
             gpus_per_node=args.gpus_per_node,
+            ring_p2p_efficiency=args.ring_p2p_efficiency,
         )
         for name in ("frames", "tokens", "text_tokens"):
             if getattr(args, name) < 0:
@@ -106,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         f"{shape.name}: {shape.params / 1e9:.2f}B parameters; {workload.tokens:,} tokens per sample "
         f"({workload.frames} frames); {args.gpus} x {hardware.name} ({nodes} node(s) of "
         f"{hardware.gpus_per_node}), NVLink {hardware.intra_node_bandwidth / 1e9:g} GB/s, "
-        f"inter-node {hardware.inter_node_bandwidth / 1e9:g} GB/s"
+        f"inter-node {hardware.inter_node_bandwidth / 1e9:g} GB/s (ring hops at "
+        f"{hardware.ring_p2p_efficiency:g} of it: {hardware.ring_inter_node_bandwidth / 1e9:.1f} GB/s)"
     )
     print("precision: bf16 compute; FSDP2 over dp x sp shards bf16 params/grads, fp32 master + AdamW moments")
     print()

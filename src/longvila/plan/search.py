@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from longvila.plan.hardware import GIB, Hardware
+from longvila.plan.hardware import GIB, RING_P2P_EFFICIENCY, Hardware
 from longvila.plan.memory import BF16_FSDP, Layout, MemoryBreakdown, PrecisionPolicy, Workload, predict_memory
 from longvila.plan.shapes import ModelShape
 from longvila.plan.timing import StepTime, padded_length, predict_step_time
@@ -68,7 +68,7 @@ class PlanResult:
         lay, t = best.layout, best.time
         lines = [
             f"Chosen: {lay.label} (SP degree {lay.sp} = Ulysses {lay.ulysses} x ring {lay.ring}, "
-            f"{lay.dp} data-parallel replicas): {best.memory_gib:.1f} GiB of "
+            f"{lay.dp} data-parallel replica{'s' if lay.dp != 1 else ''}): {best.memory_gib:.1f} GiB of "
             f"{self.hardware.memory_bytes / GIB:.1f} GiB per GPU, {t.total:.2f} s per step, "
             f"{best.tokens_per_second:,.0f} tokens/s over the cluster.",
         ]
@@ -87,7 +87,19 @@ class PlanResult:
             "FSDP exposed": t.fsdp_exposed,
         }
         top = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v > 0)
-        lines.append(f"Step time: {top}; ring hops over {t.ring_link}.")
+        hops = f"ring hops over {t.ring_link}"
+        if t.ring_link == "infiniband":
+            hw = self.hardware
+            source = (
+                "the default, fitted to the paper's ring"
+                if hw.ring_p2p_efficiency == RING_P2P_EFFICIENCY
+                else "as given"
+            )
+            hops += (
+                f" at {hw.ring_inter_node_bandwidth / 1e9:.1f} GB/s effective ({hw.ring_p2p_efficiency:.2f} of "
+                f"the link, {source}; --ring-p2p-efficiency)"
+            )
+        lines.append(f"Step time: {top}; {hops}.")
         if lay.ulysses > 1:
             lines.append(
                 f"Ulysses {lay.ulysses} stays inside a node ({self.hardware.gpus_per_node} GPUs) and divides "

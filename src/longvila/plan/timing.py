@@ -122,13 +122,15 @@ def predict_step_time(
     )
     if ring > 1:
         crosses_nodes = sp > hardware.gpus_per_node
-        bandwidth = hardware.inter_node_bandwidth if crosses_nodes else hardware.intra_node_bandwidth
+        bandwidth = hardware.ring_inter_node_bandwidth if crosses_nodes else hardware.intra_node_bandwidth
         out.ring_link = "infiniband" if crosses_nodes else "nvlink"
         kv_hop = comm["forward"]["ring_p2p"] / (ring - 1) / bandwidth
         dkv_hop = (comm["backward"]["ring_p2p"] - comm["forward"]["ring_p2p"]) / ring / bandwidth
+        # Steps that overlap a transfer run the kernel slower (the last step has none to hide).
+        slow = 1.0 + hardware.ring_overlap_slowdown(local)
         step_f, step_b = fwd_s / ring, bwd_s / ring
-        forward = (ring - 1) * max(step_f, kv_hop) + step_f
-        backward = (ring - 1) * max(step_b, kv_hop + dkv_hop) + step_b
+        forward = (ring - 1) * max(step_f * slow, kv_hop) + step_f
+        backward = (ring - 1) * max(step_b * slow, kv_hop + dkv_hop) + step_b
         attention_layer = (1 + recompute) * forward + backward
         # Exposed: latency of every hop, the float32 LSE merge of each step's partial output
         # (read out, lse and the block's, write out and lse: ~4 passes over S x q float32), the
