@@ -23,20 +23,47 @@ from pathlib import Path
 import av
 import numpy as np
 
-from longvila.data.video import decode_frames, plan_decode, probe_video, sample_indices
+from longvila.data.video import (
+    SEEK_COST_FRAMES,
+    decode_frames,
+    decoder_thread_type,
+    plan_decode,
+    probe_video,
+    sample_indices,
+)
 
 SECTION = "## Video decoding"
 
 
+def _smooth_field(
+    rng: np.random.Generator, height: int, width: int, cell: int, lo: int, hi: int
+) -> np.ndarray:
+    """Random values on a grid of `cell`-pixel cells, bilinearly interpolated to height x width."""
+    grid = rng.integers(lo, hi, (height // cell + 2, width // cell + 2)).astype(np.float32)
+    ys = np.linspace(0, grid.shape[0] - 1.001, height)
+    xs = np.linspace(0, grid.shape[1] - 1.001, width)
+    y0, x0 = ys.astype(int), xs.astype(int)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None]
+    top = grid[y0][:, x0] * (1 - fx) + grid[y0][:, x0 + 1] * fx
+    bottom = grid[y0 + 1][:, x0] * (1 - fx) + grid[y0 + 1][:, x0 + 1] * fx
+    return (top * (1 - fy) + bottom * fy).astype(np.uint8)
+
+
 def synthesise(path: Path, minutes: float, width: int, height: int, rate: int, gop: int) -> float:
-    """Write a moving-texture H.264 video; returns the seconds it took (0 when cached)."""
+    """Write a panning-texture H.264 video; returns the seconds it took (0 when cached).
+
+    The texture is a smooth random field (16-pixel cells) with fine grain, panned one pixel per
+    frame: about 1 Mbit/s at 640x360 and CRF 28, the bitrate of a typical 360p web video (a pure
+    noise texture would be ~15 Mbit/s and make every decoder look slow).
+    """
     if path.exists():
         return 0.0
     start = time.perf_counter()
+    path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    # A texture twice the frame size, panned one pixel per frame: cheap to make, not trivial to code.
-    luma = rng.integers(16, 235, (2 * height, 2 * width), dtype=np.uint8)
-    chroma = rng.integers(64, 192, (height, width), dtype=np.uint8)
+    luma = _smooth_field(rng, 2 * height, 2 * width, 16, 16, 235).astype(np.int16)
+    luma = np.clip(luma + rng.integers(-6, 7, luma.shape), 16, 235).astype(np.uint8)
+    chroma = _smooth_field(rng, height, width, 16, 64, 192)
     num_frames = int(round(minutes * 60 * rate))
     tmp = path.with_suffix(".part.mp4")
     with av.open(str(tmp), "w") as container:
@@ -64,7 +91,14 @@ def synthesise(path: Path, minutes: float, width: int, height: int, rate: int, g
         for packet in stream.encode():
             container.mux(packet)
     tmp.rename(path)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    _generation_record(path).write_text(f"{seconds:.1f}\n")
+    return seconds
+
+
+def _generation_record(path: Path) -> Path:
+    """Where the seconds a cached video took to generate are kept, for later runs' reports."""
+    return path.with_suffix(".gen_s")
 
 
 def naive_decode(path: Path, keep: set[int]) -> tuple[dict[int, np.ndarray], int, float, float]:
@@ -86,18 +120,31 @@ def naive_decode(path: Path, keep: set[int]) -> tuple[dict[int, np.ndarray], int
     return kept, count, time.perf_counter() - start, convert_s
 
 
+def decode_cost_per_frame(path: Path, frames: int) -> float:
+    """Seconds per frame of a decode-only pass over the first `frames`, threaded as decode_frames is."""
+    start = time.perf_counter()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = decoder_thread_type()
+        for count, _ in enumerate(container.decode(stream), start=1):
+            if count >= frames:
+                break
+    return (time.perf_counter() - start) / frames
+
+
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
     return out, time.perf_counter() - start
 
 
-def run_video(path: Path, frame_counts: list[int], strategies: bool) -> list[dict]:
+def run_video(path: Path, frame_counts: list[int], strategies: bool, repeats: int = 1) -> list[dict]:
     info, scan_s = timed(probe_video, path)
     wanted = {int(i) for n in frame_counts for i in sample_indices(info.timestamps, num_frames=n)}
     all_frames, count, naive_s, convert_s = naive_decode(path, wanted)
-    # Per-frame costs measured in the naive pass: the cost model's frames become seconds.
-    decode_per_frame = (naive_s - convert_s) / count
+    # Per-frame costs turn the cost model's frames into seconds: RGB conversion as measured in the
+    # naive pass, decoding with decode_frames' own threading on the first 6,000 frames.
+    decode_per_frame = decode_cost_per_frame(path, min(count, 6000))
     convert_per_frame = convert_s / count
     if count != info.num_frames:
         raise SystemExit(f"{path}: naive pass found {count} frames, probe {info.num_frames}")
@@ -105,13 +152,16 @@ def run_video(path: Path, frame_counts: list[int], strategies: bool) -> list[dic
     for n in frame_counts:
         indices = sample_indices(info.timestamps, num_frames=n)
         plan = plan_decode(sorted(set(indices.tolist())), info.keyframe)
-        (frames, _), auto_s = timed(decode_frames, path, num_frames=n)
+        runs = [timed(decode_frames, path, num_frames=n) for _ in range(repeats)]
+        frames = runs[0][0][0]
+        auto_s = float(np.median([seconds for _, seconds in runs]))
         expected = np.stack([all_frames[i] for i in indices])
         if not np.array_equal(frames, expected):
             raise SystemExit(f"{path}: decode_frames({n}) differs from the naive pass")
         row = {
             "video": path.stem,
             "frames": info.num_frames,
+            "bytes": path.stat().st_size,
             "n": n,
             "plan": plan,
             "auto_s": auto_s,
@@ -133,8 +183,9 @@ def run_video(path: Path, frame_counts: list[int], strategies: bool) -> list[dic
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| video | frames | N | chosen | seeks | auto s | seek s | one pass s | naive s | ratio | model |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| video | frames | N | chosen | seeks | auto s | seek s | one pass s | naive s | ratio | model "
+        "| meas./model |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         seek = f"{r['seek_s']:.2f}" if "seek_s" in r else "–"
@@ -142,7 +193,8 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['video']} | {r['frames']} | {r['n']} | {r['plan'].strategy} | {r['plan'].num_seeks} "
             f"| {r['auto_s']:.2f} | {seek} | {seq} | {r['naive_s']:.2f} "
-            f"| {r['naive_s'] / r['auto_s']:.1f}× | {r['predicted']:.1f}× |"
+            f"| {r['naive_s'] / r['auto_s']:.1f}× | {r['predicted']:.1f}× "
+            f"| {r['naive_s'] / r['auto_s'] / r['predicted']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -162,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[10, 60], help="video lengths")
     parser.add_argument("--frames", type=int, nargs="+", default=[64, 256, 1024], help="frames to sample")
-    parser.add_argument("--size", default="320x180", help="WxH of the synthesised videos")
+    parser.add_argument("--size", default="640x360", help="WxH of the synthesised videos")
     parser.add_argument("--gop", type=int, default=250, help="frames between keyframes")
     parser.add_argument("--rate", type=int, default=30, help="frames per second")
     parser.add_argument(
@@ -177,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         default=10,
         help="also time forced seek and one pass up to this length",
     )
+    parser.add_argument("--repeats", type=int, default=3, help="auto decode timed this many times (median)")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
@@ -188,28 +241,40 @@ def main(argv: list[str] | None = None) -> int:
         name = f"h264_{minutes:g}min_{width}x{height}_gop{args.gop}.mp4"
         path = args.cache / name
         gen_s = synthesise(path, minutes, width, height, args.rate, args.gop)
-        generation.append(f"{name}: {'cached' if gen_s == 0 else f'{gen_s:.1f} s'}")
+        if gen_s:
+            generation.append(f"{name}: {gen_s:.1f} s")
+        else:
+            record = _generation_record(path)
+            made = f"{record.read_text().strip()} s when first made" if record.exists() else "unknown"
+            generation.append(f"{name}: cached ({made})")
         print(f"[{name}] generated in {gen_s:.1f} s" if gen_s else f"[{name}] cached", flush=True)
-        new = run_video(path, args.frames, strategies=minutes <= args.strategy_minutes)
+        new = run_video(path, args.frames, strategies=minutes <= args.strategy_minutes, repeats=args.repeats)
         print(format_table(new), flush=True)
         rows += new
 
     table = format_table(rows)
+    sizes = ", ".join(
+        f"{r['video']} {r['bytes'] / 1e6:.0f} MB, {r['bytes'] * 8 / (r['frames'] / args.rate) / 1e6:.2f} Mbit/s"
+        for r in rows[:: len(args.frames)]
+    )
     scans = ", ".join(f"{r['video']} {r['scan_s']:.2f} s" for r in rows[:: len(args.frames)])
-    command = "python benchmarks/decode.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python benchmarks/decode.py", *(sys.argv[1:] if argv is None else argv)])
     body = f"""Sampling N frames uniformly (`decode_frames(path, num_frames=N)`) against a naive one-pass PyAV
 decode that converts every frame to RGB (threaded, timed once per video: it does not depend on N).
 Every sampled frame was checked equal to the naive pass's frame at the same index.
 `chosen` is the cost model's strategy ("seek" decodes on where that is cheaper than a seek), `ratio`
-= naive / auto time, `model` = the ratio the cost model predicts: naive time / (packet scan + frames
-the plan decodes × decode time per frame + sampled frames × RGB time per frame), with the per-frame
-times measured in the naive pass (seek overhead left out). The auto time includes the packet scan
-({scans}).
+= naive / auto time (auto: median of {args.repeats} runs), `model` = the ratio the cost model predicts: naive time / (packet scan + frames
+the plan decodes × decode time per frame + sampled frames × RGB time per frame), with the RGB time
+measured in the naive pass and the decode time in a decode-only pass over the first 6,000 frames with
+decode_frames' threading ("{decoder_thread_type()}" on this machine; the naive pass uses FFmpeg's default
+"AUTO"); the plan counts each seek as {SEEK_COST_FRAMES} decoded frames (the decoder flush and refill).
+`meas./model` = ratio / model. The auto time includes the packet scan ({scans}).
 
 {table}
 
-- Videos: H.264 {width}×{height}, {args.rate} fps, keyframe every {args.gop} frames, x264 ultrafast;
-  generation time (not in the table): {"; ".join(generation)}.
+- Videos: H.264 {width}×{height}, {args.rate} fps, keyframe every {args.gop} frames, x264 ultrafast CRF 28,
+  a panned smooth random texture with grain ({sizes}); generation time (not in the table):
+  {"; ".join(generation)}.
 - Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()};
   Python {platform.python_version()}, PyAV {av.__version__} (libavcodec {".".join(map(str, av.library_versions["libavcodec"]))}), numpy {np.__version__}.
 - Command: `{command}`

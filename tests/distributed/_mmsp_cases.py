@@ -164,13 +164,20 @@ def generation(rank, world_size):
     )
     ref = model.generate(**prompt, max_new_tokens=12, eos_token_id=[]).tolist()
     assert len(set(ref[0])) > 6, ref  # a degenerate repetition would make the comparison weak
-    results = {}
+    # The same prompt handed over as embeddings (as V-NIAH does), single process and under SP.
+    with torch.no_grad():
+        embeds = model.embed(prompt["input_ids"], prompt["pixel_values"])
+    ref_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=12, eos_token_id=[]).tolist()
+    results, from_embeds = {}, {}
     for ulysses, ring in layouts:
         sp = init_sp(ulysses=ulysses, ring=ring)
         results[f"u{ulysses}r{ring}"] = model.generate(
             **prompt, max_new_tokens=12, eos_token_id=[], sp=sp
         ).tolist()
-    return {"ref": ref, "sp": results}
+        from_embeds[f"u{ulysses}r{ring}"] = model.generate(
+            inputs_embeds=embeds, max_new_tokens=12, eos_token_id=[], sp=sp
+        ).tolist()
+    return {"ref": ref, "sp": results, "ref_embeds": ref_embeds, "sp_embeds": from_embeds}
 
 
 def fsdp_step(rank):

@@ -39,11 +39,17 @@ def test_sp_generate_returns_the_single_process_tokens_on_4_ranks(world4):
     for r in world4:
         for layout, tokens in r["generate"]["sp"].items():
             assert tokens == r["generate"]["ref"], layout
+        assert r["generate"]["ref_embeds"] == r["generate"]["ref"]
+        for layout, tokens in r["generate"]["sp_embeds"].items():
+            assert tokens == r["generate"]["ref"], layout
 
 
 def test_sp_generate_returns_the_single_process_tokens_on_2_ranks():
     for r in run_distributed(run_world2, 2, timeout=300):
         for layout, tokens in r["generate"]["sp"].items():
+            assert tokens == r["generate"]["ref"], layout
+        assert r["generate"]["ref_embeds"] == r["generate"]["ref"]
+        for layout, tokens in r["generate"]["sp_embeds"].items():
             assert tokens == r["generate"]["ref"], layout
 
 

@@ -45,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     niah.add_argument("--seed", type=int, default=0, help="seed of the synthetic haystack")
     niah.add_argument("--max-new-tokens", type=int, default=8)
     niah.add_argument("--progress", action="store_true", help="a line per cell")
+    niah.add_argument(
+        "--ulysses", type=int, default=1, help="Ulysses degree under torchrun (ulysses x ring = world size)"
+    )
+    niah.add_argument("--ring", type=int, default=1, help="ring degree under torchrun")
+    niah.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +111,34 @@ def parse_grid(text: str, what: str) -> list[int]:
         ) from None
 
 
+def _niah_parallel(args: argparse.Namespace):
+    """(SequenceParallel or None, device): under torchrun the world is one SP group of
+    --ulysses x --ring ranks; a single process may only ask for degree 1."""
+    import os
+
+    import torch
+
+    from longvila.parallel import init_sp
+    from longvila.train.distributed import setup_distributed
+
+    if args.ulysses < 1 or args.ring < 1:
+        raise ValueError(f"--ulysses and --ring must be >= 1, got {args.ulysses} and {args.ring}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    degree = args.ulysses * args.ring
+    if degree != world:
+        raise ValueError(
+            f"--ulysses {args.ulysses} x --ring {args.ring} = {degree} must equal the number of processes "
+            f"({world}; start {degree} with `torchrun --nproc-per-node {degree} -m longvila.cli eval niah ...`)"
+        )
+    if world == 1:
+        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is available")
+        return None, torch.device("cuda" if use_cuda else "cpu")
+    info = setup_distributed(device=args.device)
+    return init_sp(ulysses=args.ulysses, ring=args.ring), info.device
+
+
 def run_niah_command(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -113,10 +148,13 @@ def run_niah_command(args: argparse.Namespace) -> int:
     from longvila.eval.niah import Needle, load_needles, run_niah
     from longvila.eval.plots import plot_niah_heatmap
 
+    sp = None
     try:
         frame_counts = parse_grid(args.frames, "--frames")
         depths = [d / 100.0 for d in parse_grid(args.depths, "--depths")]
+        sp, device = _niah_parallel(args)
         model, processor = _load(args.model)
+        model.to(device)
         haystack: object = args.haystack
         if args.needles == "synthetic":
             from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame
@@ -146,10 +184,16 @@ def run_niah_command(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"haystack video not found: {haystack}")
         out = Path(args.out)
         grid = run_niah(model, processor, haystack, needles, frame_counts, depths, out,
-                        max_new_tokens=args.max_new_tokens, progress=args.progress)  # fmt: skip
+                        max_new_tokens=args.max_new_tokens, progress=args.progress, sp=sp)  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
         print(f"longvila eval niah: {exc}", file=sys.stderr)
         return 1
+    finally:
+        from longvila.train.distributed import teardown_distributed
+
+        teardown_distributed()
+    if sp is not None and sp.sp_rank != 0:
+        return 0  # every rank computed the same grid; SP rank 0 reports it
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(grid.to_dict(), indent=2) + "\n")
     png = plot_niah_heatmap(grid, out / "niah.png", title=f"V-NIAH: {args.model}")

@@ -38,6 +38,21 @@ log = logging.getLogger(__name__)
 SEEK_COST_FRAMES = 4
 # Give up on a file after this many consecutive packets fail to decode.
 MAX_CONSECUTIVE_DECODE_ERRORS = 32
+# FFmpeg's frame threading ("AUTO") copies decoder state for every frame and refills its pipeline
+# after every seek; with fewer cores than this, slice threading decoded faster here (2 cores, 640x360
+# H.264: 0.28 vs 0.38 ms per frame in one pass, 28 vs 34 s for 1,024 frames of a 1-hour video).
+FRAME_THREADING_MIN_CORES = 4
+
+
+def decoder_thread_type() -> str:
+    """The FFmpeg threading `decode_frames` uses on this machine: "AUTO" (frame + slice) with at
+    least FRAME_THREADING_MIN_CORES usable cores, else "SLICE"."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return "AUTO" if cores >= FRAME_THREADING_MIN_CORES else "SLICE"
+
 
 Frames = np.ndarray  # uint8 (T, H, W, 3)
 Timestamps = np.ndarray  # float64 seconds (T,), relative to the first frame
@@ -318,7 +333,7 @@ class _Fetcher:
         self.info = info
         self.container = _open(path)
         self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"
+        self.stream.thread_type = decoder_thread_type()
         self.errors: list[str] = []
         self.rotation = info.rotation
         self._rotation_read = False

@@ -97,8 +97,21 @@ def _needle_pixels(processor, image: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_frames(model, processor, frames: np.ndarray, micro_batch: int = 64) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> (N, P, D) frame embeddings (vision tower + projector), in chunks."""
+def encode_frames(model, processor, frames: np.ndarray, micro_batch: int = 64, sp=None) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> (N, P, D) frame embeddings (vision tower + projector), in chunks.
+
+    Under `sp` (degree > 1) each rank encodes its contiguous share of the frames and the shares are
+    all-gathered (MM-SP's first stage), so every rank ends with all N.
+    """
+    if sp is not None and sp.sp_degree > 1:
+        from longvila.parallel.mmsp import frame_split
+
+        start, stop = frame_split(len(frames), sp.sp_degree, sp.sp_rank)
+        if stop > start:
+            local = encode_frames(model, processor, frames[start:stop], micro_batch)
+        else:  # more ranks than frames: an empty share of the right shape and dtype
+            local = encode_frames(model, processor, frames[:1], micro_batch)[:0]
+        return sp.gather_frames(local, total=len(frames))
     chunks = [
         model.encode_frames(processor.preprocess_frames(frames[i : i + micro_batch]))
         for i in range(0, len(frames), micro_batch)
@@ -147,9 +160,14 @@ class PromptBuilder:
 
 
 @torch.no_grad()
-def greedy_generate(model, inputs_embeds: torch.Tensor, max_new_tokens: int, end_ids: list[int]) -> list[int]:
-    """Greedy decoding of one prompt given as embeddings (1, T, D), with the LLM's KV cache."""
-    tokens = model.generate(inputs_embeds=inputs_embeds, max_new_tokens=max_new_tokens, eos_token_id=end_ids)
+def greedy_generate(
+    model, inputs_embeds: torch.Tensor, max_new_tokens: int, end_ids: list[int], sp=None
+) -> list[int]:
+    """Greedy decoding of one prompt given as embeddings (1, T, D), with the LLM's KV cache (under
+    `sp`: prefilled with MM-SP, each rank caching its shard; every rank returns the same tokens)."""
+    tokens = model.generate(
+        inputs_embeds=inputs_embeds, max_new_tokens=max_new_tokens, eos_token_id=end_ids, sp=sp
+    )
     tokens = tokens[0].tolist()
     # Stop at (and keep) the first end id, as LongVILA's decoding does; the rest is padding.
     for i, token in enumerate(tokens):
@@ -159,12 +177,16 @@ def greedy_generate(model, inputs_embeds: torch.Tensor, max_new_tokens: int, end
 
 
 @torch.no_grad()
-def teacher_forced_correct(model, builder: PromptBuilder, frame_embeds: torch.Tensor, answer_ids) -> bool:
+def teacher_forced_correct(
+    model, builder: PromptBuilder, frame_embeds: torch.Tensor, answer_ids, sp=None
+) -> bool:
     """True when the argmax at every answer position equals the answer token (LongVA's score)."""
+    from longvila.model.generation import last_position_logits
+
     answer_ids = torch.as_tensor(answer_ids, dtype=torch.long)
     embeds = builder.embeds(frame_embeds, answer_ids)
-    logits = model.llm(inputs_embeds=embeds, use_cache=False, logits_to_keep=len(answer_ids) + 1).logits
-    predicted = logits[0, :-1].argmax(-1).cpu()
+    logits = last_position_logits(model, embeds, len(answer_ids) + 1, sp=sp)
+    predicted = logits[:-1].argmax(-1).cpu()
     return bool((predicted == answer_ids).all())
 
 
@@ -197,12 +219,25 @@ def run_niah(
     *,
     max_new_tokens: int = 8,
     progress: bool = False,
+    sp=None,
 ) -> NiahGrid:
     """Sweep frame counts x depths (fractions 0..1); accuracy is the mean over needles in each cell.
 
     `haystack_frames`: uint8 (N, H, W, 3) with N >= max(frame_counts), or a video path (decoded to
     max(frame_counts) frames uniformly). A cell whose JSON exists in `out_dir/cells/` is read, not rerun.
+
+    `sp`: a `SequenceParallel` group (torchrun; data-parallel degree 1): the haystack is encoded in
+    shares across the ranks and every prompt is prefilled with MM-SP, so a haystack too long for one
+    device's activations fits; every rank computes the same grid and SP rank 0 writes the files.
     """
+    if sp is not None and sp.sp_degree > 1 and sp.dp_degree != 1:
+        raise ValueError(
+            f"V-NIAH under sequence parallelism needs data-parallel degree 1 (ulysses x ring = world size); "
+            f"got dp={sp.dp_degree}"
+        )
+    parallel = sp is not None and sp.sp_degree > 1
+    writer = not parallel or sp.sp_rank == 0
+    progress = progress and writer
     began = time.perf_counter()
     needles = [n if isinstance(n, Needle) else Needle(**n) for n in needles]
     if not needles:
@@ -221,7 +256,7 @@ def run_niah(
     out = Path(out_dir) if out_dir is not None else None
     was_training = model.training
     model.eval()
-    haystack = encode_frames(model, processor, np.asarray(haystack_frames[:longest]))
+    haystack = encode_frames(model, processor, np.asarray(haystack_frames[:longest]), sp=sp)
     needle_embeds = [model.encode_frames(_needle_pixels(processor, n.image)) for n in needles]
     builders: dict[str, PromptBuilder] = {}
     end_ids = _end_ids(model, processor)
@@ -229,14 +264,19 @@ def run_niah(
     total = len(frame_counts) * len(depths)
     for i, (depth, frames) in enumerate((d, f) for d in depths for f in frame_counts):
         path = _cell_path(out, frames, depth) if out is not None else None
-        if path is not None and path.is_file():
+        done = path is not None and path.is_file()
+        if parallel:  # resume a cell only if every rank can read it, or the ranks' collectives part ways
+            done = (
+                int(sp.all_reduce_sum(torch.tensor(float(done), device=model.device)).item()) == sp.sp_degree
+            )
+        if done:
             cells.append(json.loads(path.read_text()))
             continue
         results = []
         for needle, needle_embed in zip(needles, needle_embeds):
             builder = builders.setdefault(needle.question, PromptBuilder(model, processor, needle.question))
             frame_embeds = insert_needle(haystack[:frames], needle_embed, depth)
-            tokens = greedy_generate(model, builder.embeds(frame_embeds), max_new_tokens, end_ids)
+            tokens = greedy_generate(model, builder.embeds(frame_embeds), max_new_tokens, end_ids, sp=sp)
             text = processor.decode(tokens)
             answer_ids = processor.tokenizer.encode(needle.answer, add_special_tokens=False)
             results.append(
@@ -245,7 +285,7 @@ def run_niah(
                     "generated": text,
                     "correct": normalise_answer(text) == normalise_answer(needle.answer),
                     "correct_teacher_forced": teacher_forced_correct(
-                        model, builder, frame_embeds, answer_ids
+                        model, builder, frame_embeds, answer_ids, sp=sp
                     ),
                 }
             )
@@ -256,7 +296,7 @@ def run_niah(
             "accuracy_teacher_forced": float(np.mean([r["correct_teacher_forced"] for r in results])),
             "needles": results,
         }
-        if path is not None:
+        if path is not None and writer:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(cell, indent=1) + "\n")
@@ -280,6 +320,9 @@ def run_niah(
         seconds=time.perf_counter() - began,
         cells=cells,
     )
-    if out is not None:
-        (out / "grid.json").write_text(json.dumps(grid.to_dict(), indent=1) + "\n")
+    if out is not None and writer:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "grid.json.tmp"
+        tmp.write_text(json.dumps(grid.to_dict(), indent=1) + "\n")
+        tmp.replace(out / "grid.json")
     return grid

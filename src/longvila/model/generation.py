@@ -109,8 +109,6 @@ def generate_tokens(
         pad_token_id = end_ids[0] if end_ids else 0
     sampling = (do_sample, temperature, top_k, top_p, generator)
     if sp is not None and sp.sp_degree > 1:
-        if inputs_embeds is not None:
-            raise NotImplementedError("sequence-parallel generation takes token ids, not inputs_embeds")
         return _generate_sp(
             model,
             input_ids,
@@ -122,6 +120,7 @@ def generate_tokens(
             end_ids,
             pad_token_id,
             streamer,
+            inputs_embeds,
         )
     if inputs_embeds is not None:  # prompts already embedded (e.g. V-NIAH's spliced needle), one per row
         prompts = list(inputs_embeds[None] if inputs_embeds.ndim == 2 else inputs_embeds)
@@ -189,41 +188,110 @@ def _decode_loop(
 
 
 def _generate_sp(
-    model, input_ids, pixel_values, cu_seqlens, sp, max_new_tokens, sampling, end_ids, pad_token_id, streamer
+    model,
+    input_ids,
+    pixel_values,
+    cu_seqlens,
+    sp,
+    max_new_tokens,
+    sampling,
+    end_ids,
+    pad_token_id,
+    streamer,
+    inputs_embeds=None,
 ):
     """One prompt, prefilled with MM-SP; every rank decodes the same tokens.
 
     The prompt is padded to the layout's multiple (the padding is masked out as keys), each rank
     caches the K/V of its own zigzag shard, and new tokens' K/V are kept as valid keys on SP rank 0
-    only, so the cross-rank merge counts every key exactly once.
+    only, so the cross-rank merge counts every key exactly once. `inputs_embeds` (the same (1, T, D)
+    or (T, D) on every rank, e.g. V-NIAH's spliced needle) replaces ids and pixels.
     """
     model.check_sp(sp)
     device = model.device
-    input_ids = input_ids.to(device)
-    if input_ids.ndim == 1:
-        input_ids = input_ids[None]
-    if input_ids.shape[0] != 1 or (cu_seqlens is not None and len(cu_seqlens) > 2):
-        raise NotImplementedError("sequence-parallel generation takes one prompt at a time")
-    length = input_ids.shape[1]
-    total = length + (-length) % sp.sequence_multiple
-    if total > length:
-        pad = torch.full((1, total - length), pad_token_id, dtype=input_ids.dtype, device=device)
-        input_ids = torch.cat([input_ids, pad], dim=1)
-    embeds = model.embed(input_ids, pixel_values, sp=sp)
-    index = sp.local_positions(total, device=device)
-    positions = torch.arange(total, device=device)[None]
-    cu = torch.tensor([0, length, total] if total > length else [0, length], dtype=torch.int32, device=device)
-    ctx = AttentionContext(sp=sp, cu_seqlens=cu)
+    if inputs_embeds is not None:
+        embeds = inputs_embeds.to(device)
+        if embeds.ndim == 2:
+            embeds = embeds[None]
+        if embeds.ndim != 3 or embeds.shape[0] != 1:
+            raise NotImplementedError(
+                f"sequence-parallel generation takes one prompt at a time; inputs_embeds has shape "
+                f"{tuple(inputs_embeds.shape)}"
+            )
+        length = embeds.shape[1]
+        total = length + (-length) % sp.sequence_multiple
+        if total > length:
+            embeds = torch.cat([embeds, embeds.new_zeros(1, total - length, embeds.shape[-1])], dim=1)
+    else:
+        input_ids = input_ids.to(device)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if input_ids.shape[0] != 1 or (cu_seqlens is not None and len(cu_seqlens) > 2):
+            raise NotImplementedError("sequence-parallel generation takes one prompt at a time")
+        length = input_ids.shape[1]
+        total = length + (-length) % sp.sequence_multiple
+        if total > length:
+            pad = torch.full((1, total - length), pad_token_id, dtype=input_ids.dtype, device=device)
+            input_ids = torch.cat([input_ids, pad], dim=1)
+        embeds = model.embed(input_ids, pixel_values, sp=sp)
     cache = DynamicCache()
-    hidden = model._decoder(embeds.index_select(1, index), positions.index_select(1, index), ctx, cache=cache)
-    hidden = hidden.last_hidden_state
-    # The last prompt token lives on one rank; sum over ranks hands its hidden state to every rank.
-    owner = (index == length - 1).nonzero()
-    last = hidden[0, owner[0, 0]] if owner.numel() else hidden.new_zeros(hidden.shape[-1])
-    last = sp.all_reduce_sum(last)[None]
+    hidden, index, ctx = _sp_prefill(model, embeds, length, sp, cache)
+    # The last prompt token lives on one rank; the sum over ranks hands its hidden state to every rank.
+    last = _gather_positions(hidden, index, torch.tensor([length - 1], device=device), sp)
     ctx.key_padding = (index < length)[None]
     owns_new = torch.full((1, 1), sp.sp_rank == 0, dtype=torch.bool, device=device)
     next_pos = torch.full((1,), length, device=device)
     return _decode_loop(
         model, last, ctx, cache, next_pos, owns_new, sampling, end_ids, pad_token_id, streamer, max_new_tokens
     )
+
+
+def _sp_prefill(model, embeds, length: int, sp, cache=None):
+    """Decoder over this rank's zigzag shard of a (1, total, D) row whose first `length` positions
+    are the prompt (the rest padding, kept out of attention as a separate segment).
+
+    Returns (local hidden states (1, S, D), their global positions (S,), the attention context).
+    """
+    device = embeds.device
+    total = embeds.shape[1]
+    index = sp.local_positions(total, device=device)
+    positions = torch.arange(total, device=device)[None]
+    cu = torch.tensor([0, length, total] if total > length else [0, length], dtype=torch.int32, device=device)
+    ctx = AttentionContext(sp=sp, cu_seqlens=cu)
+    out = model._decoder(embeds.index_select(1, index), positions.index_select(1, index), ctx, cache=cache)
+    return out.last_hidden_state, index, ctx
+
+
+def _gather_positions(hidden, index, wanted, sp) -> torch.Tensor:
+    """Hidden states (W, D) at global positions `wanted`, on every rank: each rank fills the rows
+    it holds, zeros elsewhere, and the SP group sums (every position lives on exactly one rank)."""
+    out = hidden.new_zeros(len(wanted), hidden.shape[-1])
+    rows, cols = (wanted[:, None] == index[None, :]).nonzero(as_tuple=True)
+    out[rows] = hidden[0, cols]
+    return sp.all_reduce_sum(out)
+
+
+@torch.no_grad()
+def last_position_logits(model, inputs_embeds: torch.Tensor, last: int, sp=None) -> torch.Tensor:
+    """Logits (last, V) at the final `last` positions of one prompt given as embeddings (1, T, D).
+
+    Single process: one forward of the LLM keeping only those logits. Under `sp` (degree > 1) the
+    prompt is prefilled with MM-SP, as in generation, and every rank returns the same logits; the
+    same embeddings must be given on every rank. Used by V-NIAH's teacher-forced score.
+    """
+    embeds = inputs_embeds[None] if inputs_embeds.ndim == 2 else inputs_embeds
+    if embeds.ndim != 3 or embeds.shape[0] != 1:
+        raise ValueError(f"inputs_embeds must be (1, T, D) or (T, D), got {tuple(inputs_embeds.shape)}")
+    length = embeds.shape[1]
+    if not 1 <= last <= length:
+        raise ValueError(f"last must be in [1, {length}] for a {length}-token prompt, got {last}")
+    embeds = embeds.to(model.device)
+    if sp is None or sp.sp_degree == 1:
+        return model.llm(inputs_embeds=embeds, use_cache=False, logits_to_keep=last).logits[0]
+    model.check_sp(sp)
+    total = length + (-length) % sp.sequence_multiple
+    if total > length:
+        embeds = torch.cat([embeds, embeds.new_zeros(1, total - length, embeds.shape[-1])], dim=1)
+    hidden, index, _ = _sp_prefill(model, embeds, length, sp)
+    wanted = torch.arange(length - last, length, device=embeds.device)
+    return model._head()(_gather_positions(hidden, index, wanted, sp))
