@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml requirements/lmms-eval.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
-	$(BIN)/pip install -q -e ".[dev,eval]"
+	$(BIN)/pip install -q -e ".[dev,eval,video-backends]"
 	$(BIN)/pip install -q --no-deps "lmms-eval==0.7.3"
 	$(BIN)/pip install -q -r requirements/lmms-eval.txt
 	touch $@

@@ -1,7 +1,9 @@
 """Adapters for optional video libraries; registered in `longvila.data.video` when installed.
 
 Each takes a path and `select(timestamps_seconds) -> indices` and returns (frames uint8 (T, H, W, 3),
-timestamps seconds (T,)). They are not exercised by the tests unless their library is installed.
+timestamps seconds (T,)). `pip install longvila[video-backends]` brings OpenCV and decord (CI installs
+them; tests/unit/test_video.py compares each with PyAV on every codec); torchcodec needs the system's
+FFmpeg libraries and is tested only where it imports.
 """
 
 from __future__ import annotations
