@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from longvila.commands._model import add_model_arguments, load_for_inference
+
 HELP = "ask a model about a video or image"
 
 
@@ -29,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--chat", action="store_true", help="keep asking: follow-up questions from stdin")
+    add_model_arguments(parser)
 
 
 def _error(message: str) -> int:
@@ -59,12 +62,10 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             return _error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
-    from longvila import LongVILA, LongVILAProcessor
     from longvila.chat import ChatSession, is_image_path
 
     try:
-        model = LongVILA.from_pretrained(args.model).eval()
-        processor = LongVILAProcessor.from_pretrained(args.model)
+        model, processor = load_for_inference(args.model, args.device, args.dtype)
     except (OSError, ValueError) as exc:
         return _error(f"cannot load the model from {args.model}: {exc}")
     session = ChatSession(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from longvila.commands._model import add_model_arguments, load_for_inference, resolve_device
+
 HELP = "evaluate: needle in a haystack, video QA"
 
 
@@ -24,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     qa.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
     qa.add_argument("--max-new-tokens", type=int, default=16, help="reply length (Video-MME: 16)")
     qa.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(qa)
     niah = sub.add_parser("niah", help="video needle in a haystack (V-NIAH)")
     niah.add_argument("--model", required=True, help="checkpoint directory")
     niah.add_argument("--out", default="eval_niah", help="output folder (one JSON per cell: reruns resume)")
@@ -49,9 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ulysses", type=int, default=1, help="Ulysses degree under torchrun (ulysses x ring = world size)"
     )
     niah.add_argument("--ring", type=int, default=1, help="ring degree under torchrun")
-    niah.add_argument(
-        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available"
-    )
+    add_model_arguments(niah)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,21 +61,15 @@ def run(args: argparse.Namespace) -> int:
     return run_niah_command(args)
 
 
-def _load(model_dir: str):
-    from pathlib import Path
-
-    if not Path(model_dir).is_dir():
-        raise FileNotFoundError(f"model directory not found: {model_dir}")
-    from longvila import LongVILA, LongVILAProcessor
-
-    return LongVILA.from_pretrained(model_dir).eval(), LongVILAProcessor.from_pretrained(model_dir)
+def _load(args: argparse.Namespace, torch_device=None):
+    return load_for_inference(args.model, args.device, args.dtype, torch_device=torch_device)
 
 
 def run_videoqa_command(args: argparse.Namespace) -> int:
     from longvila.eval.videoqa import format_summary, run_videoqa
 
     try:
-        model, processor = _load(args.model)
+        model, processor = _load(args)
         summary = run_videoqa(
             model,
             processor,
@@ -116,8 +111,6 @@ def _niah_parallel(args: argparse.Namespace):
     --ulysses x --ring ranks; a single process may only ask for degree 1."""
     import os
 
-    import torch
-
     from longvila.parallel import init_sp
     from longvila.train.distributed import setup_distributed
 
@@ -131,11 +124,10 @@ def _niah_parallel(args: argparse.Namespace):
             f"({world}; start {degree} with `torchrun --nproc-per-node {degree} -m longvila.cli eval niah ...`)"
         )
     if world == 1:
-        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda but no CUDA device is available")
-        return None, torch.device("cuda" if use_cuda else "cpu")
-    info = setup_distributed(device=args.device)
+        return None, resolve_device(args.device)
+    # Under torchrun each rank takes the GPU of its LOCAL_RANK (or the CPU with gloo).
+    kind = "auto" if args.device == "auto" else resolve_device(args.device).type
+    info = setup_distributed(device=kind)
     return init_sp(ulysses=args.ulysses, ring=args.ring), info.device
 
 
@@ -153,8 +145,7 @@ def run_niah_command(args: argparse.Namespace) -> int:
         frame_counts = parse_grid(args.frames, "--frames")
         depths = [d / 100.0 for d in parse_grid(args.depths, "--depths")]
         sp, device = _niah_parallel(args)
-        model, processor = _load(args.model)
-        model.to(device)
+        model, processor = _load(args, torch_device=device)
         haystack: object = args.haystack
         if args.needles == "synthetic":
             from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame

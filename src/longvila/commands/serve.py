@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from longvila.commands._model import add_model_arguments
+
 HELP = "OpenAI-compatible HTTP server"
 
 
@@ -24,18 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature", type=float, default=0.0, help="when a request does not say (0: greedy)"
     )
     parser.add_argument("--verbose", action="store_true", help="log every request")
+    add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if not Path(args.model).is_dir():
         print(f"longvila serve: error: model directory not found: {args.model}", file=sys.stderr)
         return 1
-    from longvila import LongVILA, LongVILAProcessor
+    from longvila.commands._model import load_for_inference
     from longvila.serve.server import create_server
 
     try:
-        model = LongVILA.from_pretrained(args.model).eval()
-        processor = LongVILAProcessor.from_pretrained(args.model)
+        model, processor = load_for_inference(args.model, args.device, args.dtype)
         server = create_server(
             model,
             processor,
