@@ -195,8 +195,13 @@ def test_chunked_prefill_gives_the_same_tokens(tiny_model, tiny_processor):
     prompt = tiny_processor.collate(
         [tiny_processor([{"role": "user", "content": "<video>\nWhat?"}], videos=[video])]
     )
-    whole = tiny_model.generate(**prompt, max_new_tokens=10, eos_token_id=[])
+    whole = tiny_model.generate(**prompt, max_new_tokens=10, eos_token_id=[], prefill_chunk_size=None)
     assert len(set(whole[0].tolist())) > 5
+    # The default chunks only prompts longer than DEFAULT_PREFILL_CHUNK; this one is shorter.
+    from longvila.model.vlm import DEFAULT_PREFILL_CHUNK
+
+    assert prompt["input_ids"].shape[-1] < DEFAULT_PREFILL_CHUNK
+    assert torch.equal(tiny_model.generate(**prompt, max_new_tokens=10, eos_token_id=[]), whole)
     for chunk in (7, 32, 64):
         chunked = tiny_model.generate(**prompt, max_new_tokens=10, eos_token_id=[], prefill_chunk_size=chunk)
         assert torch.equal(whole, chunked), chunk

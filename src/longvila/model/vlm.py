@@ -25,6 +25,11 @@ from longvila.model.loss import IGNORE_INDEX, chunked_cross_entropy_sum, shift_l
 from longvila.model.projector import MLPDownsampleProjector
 from longvila.model.vision import VisionTower
 
+# Prompts longer than this are prefilled in chunks of this many tokens by default: one MLP
+# intermediate tensor of a 7B model (18,944 wide, bf16) is 0.6 GB for 16K tokens, 15 GB for a
+# 400K-token prompt in one pass. What chunking costs in time on a GPU is still to be measured (benchmarks/prefill.py --chunk).
+DEFAULT_PREFILL_CHUNK = 16384
+
 
 @dataclass
 class LongVILAOutput:
@@ -295,7 +300,7 @@ class LongVILA(nn.Module):
         generator: torch.Generator | None = None,
         streamer=None,
         sp=None,
-        prefill_chunk_size: int | None = None,
+        prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK,
         inputs_embeds: torch.Tensor | None = None,
         **unused: Any,
     ) -> torch.Tensor:
@@ -306,8 +311,10 @@ class LongVILA(nn.Module):
         `eos_token_id` (the model config's end ids by default); finished prompts are padded with
         `pad_token_id`. `streamer` (HF-style, with `put(ids)` and `end()`) receives each new token.
         `prefill_chunk_size` prefills long prompts chunk by chunk (same tokens, a fraction of the
-        activation memory: how a 2,048-frame, 400K-token prompt fits one GPU). `inputs_embeds` (B, T, D)
-        replaces `input_ids`/`pixel_values` with prompts already embedded (one per row, no padding).
+        activation memory: how a 2,048-frame, 400K-token prompt fits one GPU); the default,
+        DEFAULT_PREFILL_CHUNK (16,384 tokens), touches only longer prompts; None prefills in one
+        pass. `inputs_embeds` (B, T, D) replaces `input_ids`/`pixel_values` with prompts already
+        embedded (one per row, no padding).
         """
         from longvila.model.generation import generate_tokens
 
