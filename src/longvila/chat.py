@@ -126,8 +126,21 @@ class ChatSession:
         top_p: float = 1.0,
         system_prompt: str | None = None,
         seed: int | None = None,
+        sp=None,
     ) -> None:
+        """`sp`: a SequenceParallel group (torchrun): every prompt is prefilled with MM-SP across its
+        ranks, which must all ask the same questions; all get the same answer, and only SP rank 0
+        streams it. Sampling then needs the same random stream on every rank: without `seed`, rank
+        0 draws one and shares it."""
         self.model = model
+        self.sp = sp if sp is not None and sp.sp_degree > 1 else None
+        if self.sp is not None and seed is None:
+            drawn = torch.tensor(
+                [int(torch.randint(0, 2**31 - 1, ()).item()) if self.sp.sp_rank == 0 else 0],
+                dtype=torch.float64,
+                device=model.device,
+            )
+            seed = int(self.sp.all_reduce_sum(drawn).item())
         self.processor = processor
         self.num_frames = num_frames or processor.num_frames
         self.fps = fps
@@ -209,6 +222,7 @@ class ChatSession:
             if stream is not None:
                 stream(piece)
 
+        streams = self.sp is None or self.sp.sp_rank == 0
         new_ids = self.model.generate(
             **batch,
             max_new_tokens=max_new_tokens,
@@ -216,7 +230,8 @@ class ChatSession:
             temperature=temperature if temperature > 0 else 1.0,
             top_p=self.top_p if top_p is None else top_p,
             generator=self.generator,
-            streamer=TextStreamer(self.processor, on_text),
+            streamer=TextStreamer(self.processor, on_text) if streams else None,
+            sp=self.sp,
         )
         answer = self.processor.decode(new_ids[0])
         self.history.append(pending)

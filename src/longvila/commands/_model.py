@@ -64,3 +64,38 @@ def load_for_inference(model_dir: str, device: str = "auto", dtype: str = "auto"
     target = torch_device if torch_device is not None else resolve_device(device)
     model = LongVILA.from_pretrained(model_dir, dtype=resolve_dtype(dtype, target))
     return model.to(target).eval(), LongVILAProcessor.from_pretrained(model_dir)
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--ulysses` / `--ring`: MM-SP over the processes torchrun starts."""
+    parser.add_argument(
+        "--ulysses", type=int, default=1, help="Ulysses degree under torchrun (ulysses x ring = world size)"
+    )
+    parser.add_argument("--ring", type=int, default=1, help="ring degree under torchrun")
+
+
+def sequence_parallel_from_args(args: argparse.Namespace, command: str):
+    """(SequenceParallel or None, device) for `--ulysses` x `--ring`.
+
+    Under torchrun the whole world is one SP group of that size, each rank on the GPU of its
+    LOCAL_RANK (or the CPU, gloo); a single process may only ask for degree 1.
+    """
+    import os
+
+    if args.ulysses < 1 or args.ring < 1:
+        raise ValueError(f"--ulysses and --ring must be >= 1, got {args.ulysses} and {args.ring}")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    degree = args.ulysses * args.ring
+    if degree != world:
+        raise ValueError(
+            f"--ulysses {args.ulysses} x --ring {args.ring} = {degree} must equal the number of processes "
+            f"({world}; start {degree} with `torchrun --nproc-per-node {degree} -m longvila.cli {command} ...`)"
+        )
+    if world == 1:
+        return None, resolve_device(args.device)
+    from longvila.parallel import init_sp
+    from longvila.train.distributed import setup_distributed
+
+    kind = "auto" if args.device == "auto" else resolve_device(args.device).type
+    info = setup_distributed(device=kind)
+    return init_sp(ulysses=args.ulysses, ring=args.ring), info.device

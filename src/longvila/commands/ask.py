@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from longvila.commands._model import add_model_arguments, load_for_inference
+from longvila.commands._model import add_model_arguments, add_parallel_arguments, load_for_inference
 
 HELP = "ask a model about a video or image"
 
@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
     parser.add_argument("--chat", action="store_true", help="keep asking: follow-up questions from stdin")
     add_model_arguments(parser)
+    add_parallel_arguments(parser)
 
 
 def _error(message: str) -> int:
@@ -62,10 +63,26 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             return _error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
+    if args.chat and args.ulysses * args.ring > 1:
+        return _error("--chat reads standard input and cannot run under torchrun; ask one question")
+    from longvila.commands._model import sequence_parallel_from_args
+    from longvila.train.distributed import teardown_distributed
+
+    try:
+        sp, device = sequence_parallel_from_args(args, "ask")
+    except ValueError as exc:
+        return _error(str(exc))
+    try:
+        return _answer(args, media, question, sp, device)
+    finally:
+        teardown_distributed()
+
+
+def _answer(args: argparse.Namespace, media: Path, question: str, sp, device) -> int:
     from longvila.chat import ChatSession, is_image_path
 
     try:
-        model, processor = load_for_inference(args.model, args.device, args.dtype)
+        model, processor = load_for_inference(args.model, args.device, args.dtype, torch_device=device)
     except (OSError, ValueError) as exc:
         return _error(f"cannot load the model from {args.model}: {exc}")
     session = ChatSession(
@@ -78,14 +95,17 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        sp=sp,
     )
+    speaker = sp is None or sp.sp_rank == 0
     as_image = args.image or is_image_path(media)
     media_kwargs = {"image": str(media)} if as_image else {"video": str(media)}
     write = lambda piece: print(piece, end="", flush=True)
     try:
         while question:
-            session.ask(question, stream=write, **media_kwargs)
-            print(flush=True)
+            session.ask(question, stream=write if speaker else None, **media_kwargs)
+            if speaker:
+                print(flush=True)
             media_kwargs = {}
             question = _read_question() if args.chat else None
     except (FileNotFoundError, ValueError) as exc:

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from longvila.commands._model import add_model_arguments, load_for_inference, resolve_device
+from longvila.commands._model import (
+    add_model_arguments,
+    add_parallel_arguments,
+    load_for_inference,
+    sequence_parallel_from_args,
+)
 
 HELP = "evaluate: needle in a haystack, video QA"
 
@@ -48,10 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     niah.add_argument("--seed", type=int, default=0, help="seed of the synthetic haystack")
     niah.add_argument("--max-new-tokens", type=int, default=8)
     niah.add_argument("--progress", action="store_true", help="a line per cell")
-    niah.add_argument(
-        "--ulysses", type=int, default=1, help="Ulysses degree under torchrun (ulysses x ring = world size)"
-    )
-    niah.add_argument("--ring", type=int, default=1, help="ring degree under torchrun")
+    add_parallel_arguments(niah)
     add_model_arguments(niah)
 
 
@@ -106,31 +108,6 @@ def parse_grid(text: str, what: str) -> list[int]:
         ) from None
 
 
-def _niah_parallel(args: argparse.Namespace):
-    """(SequenceParallel or None, device): under torchrun the world is one SP group of
-    --ulysses x --ring ranks; a single process may only ask for degree 1."""
-    import os
-
-    from longvila.parallel import init_sp
-    from longvila.train.distributed import setup_distributed
-
-    if args.ulysses < 1 or args.ring < 1:
-        raise ValueError(f"--ulysses and --ring must be >= 1, got {args.ulysses} and {args.ring}")
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    degree = args.ulysses * args.ring
-    if degree != world:
-        raise ValueError(
-            f"--ulysses {args.ulysses} x --ring {args.ring} = {degree} must equal the number of processes "
-            f"({world}; start {degree} with `torchrun --nproc-per-node {degree} -m longvila.cli eval niah ...`)"
-        )
-    if world == 1:
-        return None, resolve_device(args.device)
-    # Under torchrun each rank takes the GPU of its LOCAL_RANK (or the CPU with gloo).
-    kind = "auto" if args.device == "auto" else resolve_device(args.device).type
-    info = setup_distributed(device=kind)
-    return init_sp(ulysses=args.ulysses, ring=args.ring), info.device
-
-
 def run_niah_command(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -144,7 +121,7 @@ def run_niah_command(args: argparse.Namespace) -> int:
     try:
         frame_counts = parse_grid(args.frames, "--frames")
         depths = [d / 100.0 for d in parse_grid(args.depths, "--depths")]
-        sp, device = _niah_parallel(args)
+        sp, device = sequence_parallel_from_args(args, "eval niah")
         model, processor = _load(args, torch_device=device)
         haystack: object = args.haystack
         if args.needles == "synthetic":

@@ -70,6 +70,9 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int,
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
+    if generator is not None and generator.device != probs.device:
+        # A seeded CPU generator (ChatSession, the server) drawing for a GPU model: sample on its device.
+        return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(probs.device)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
