@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     qa.add_argument("--max-new-tokens", type=int, default=16, help="reply length (Video-MME: 16)")
     qa.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(qa)
+    add_parallel_arguments(qa)
     niah = sub.add_parser("niah", help="video needle in a haystack (V-NIAH)")
     niah.add_argument("--model", required=True, help="checkpoint directory")
     niah.add_argument("--out", default="eval_niah", help="output folder (one JSON per cell: reruns resume)")
@@ -69,9 +70,12 @@ def _load(args: argparse.Namespace, torch_device=None):
 
 def run_videoqa_command(args: argparse.Namespace) -> int:
     from longvila.eval.videoqa import format_summary, run_videoqa
+    from longvila.train.distributed import teardown_distributed
 
+    sp = None
     try:
-        model, processor = _load(args)
+        sp, device = sequence_parallel_from_args(args, "eval videoqa")
+        model, processor = _load(args, torch_device=device)
         summary = run_videoqa(
             model,
             processor,
@@ -84,10 +88,15 @@ def run_videoqa_command(args: argparse.Namespace) -> int:
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
             progress=not args.no_progress,
+            sp=sp,
         )
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"longvila eval videoqa: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        teardown_distributed()
+    if sp is not None and sp.sp_rank != 0:
+        return 0  # every rank has the same summary; SP rank 0 reports it
     print(format_summary(summary))
     print(f"predictions and summary in {args.out}")
     return 0

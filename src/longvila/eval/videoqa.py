@@ -178,7 +178,16 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 # ---- the run ---------------------------------------------------------------------------------------
 def answer_question(
-    model, processor, question: Question, video_path: Path, *, num_frames, fps, max_frames, max_new_tokens
+    model,
+    processor,
+    question: Question,
+    video_path: Path,
+    *,
+    num_frames,
+    fps,
+    max_frames,
+    max_new_tokens,
+    sp=None,
 ) -> tuple[str, str | None]:
     """Greedy reply of the model to one question, and the letter extracted from it."""
     messages = [
@@ -191,7 +200,9 @@ def answer_question(
         }
     ]
     sample = processor(messages, num_frames=num_frames, fps=fps, max_frames=max_frames)
-    new_ids = model.generate(**processor.collate([sample]), max_new_tokens=max_new_tokens, do_sample=False)
+    new_ids = model.generate(
+        **processor.collate([sample]), max_new_tokens=max_new_tokens, do_sample=False, sp=sp
+    )
     response = processor.decode(new_ids[0])
     return response, extract_letter(response, question.options)
 
@@ -210,29 +221,51 @@ def run_videoqa(
     max_new_tokens: int = 16,
     progress: bool = True,
     log=None,
+    sp=None,
 ) -> dict[str, Any]:
     """Evaluate `model` on a Video-MME-format file; writes predictions and summary to `out_dir`.
 
     Questions already answered in `out_dir/predictions.jsonl` are skipped (those that failed are
     retried). Returns the summary (also written to `out_dir/summary.json`).
+
+    `sp`: a SequenceParallel group (torchrun, data-parallel degree 1): every question's prompt is
+    prefilled with MM-SP across the ranks; SP rank 0 decides what is left to do, logs and writes,
+    and every rank returns the same summary.
     """
     from tqdm import tqdm
 
+    parallel = sp is not None and sp.sp_degree > 1
+    if parallel and sp.dp_degree != 1:
+        raise ValueError(
+            f"video QA under sequence parallelism needs data-parallel degree 1; got dp={sp.dp_degree}"
+        )
+    writer = not parallel or sp.sp_rank == 0
+    progress = progress and writer
+    quiet = not writer
     log = log or (lambda message: print(message, file=sys.stderr))
+    if quiet:
+        log = lambda message: None  # noqa: E731
     data = Path(data)
     root = Path(media_root) if media_root is not None else data.parent
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     questions, problems = load_questions(data)
     for problem in problems:
         log(f"skipped {problem}")
     if limit is not None:
         questions = questions[:limit]
-    done = read_predictions(out / PREDICTIONS)
+    done = read_predictions(out / PREDICTIONS) if writer else {}
+    if parallel:  # the ranks must walk the same questions: rank 0's view of the file decides
+        import torch.distributed as dist
+
+        shared = [done]
+        dist.broadcast_object_list(shared, group_src=0, group=sp.sp_group)
+        done = shared[0]
     todo = [q for q in questions if "error" in done.get(q.question_id, {"error": None})]
     if len(todo) < len(questions):
         log(f"resuming: {len(questions) - len(todo)} of {len(questions)} questions already answered")
-    with open(out / PREDICTIONS, "a", encoding="utf-8") as sink:
+    with open(out / PREDICTIONS, "a", encoding="utf-8") if writer else open(os.devnull, "w") as sink:
         for question in tqdm(todo, desc="video QA", unit="q", disable=not progress):
             record: dict[str, Any] = {
                 "question_id": question.question_id,
@@ -251,6 +284,7 @@ def run_videoqa(
                     fps=fps,
                     max_frames=max_frames,
                     max_new_tokens=max_new_tokens,
+                    sp=sp,
                 )
                 record.update(response=response, prediction=letter, correct=letter == question.answer)
             except (FileNotFoundError, ValueError) as exc:
@@ -262,7 +296,10 @@ def run_videoqa(
     wanted = {q.question_id for q in questions}
     summary = summarize([r for qid, r in done.items() if qid in wanted], problems)
     summary.update(data=str(data), num_frames=num_frames, fps=fps)
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if writer:
+        tmp = out / f"{SUMMARY}.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(out / SUMMARY)
     return summary
 
 
