@@ -15,6 +15,7 @@ weights (peft `merge_and_unload`) before export, so later stages and inference s
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -98,7 +99,10 @@ def attach_lora(model, *, rank: int, alpha: float, targets: list[str], dropout: 
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none"
     )
     try:
-        model.llm = get_peft_model(model.llm, config)
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing`; the warning is not ours.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model.llm = get_peft_model(model.llm, config)
     except ValueError as exc:
         raise ValueError(f"stage.lora_targets {targets}: {exc}") from exc
     for name, param in model.llm.named_parameters():
