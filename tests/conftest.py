@@ -1,8 +1,11 @@
 import os
+import sys
 
 import pytest
 import torch
 
+# Helpers shared by tests/unit and tests/distributed (tests/_models.py).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -7,16 +7,13 @@ import torch
 
 
 def chat_case(rank, world_size, layouts):
-    from longvila import LongVILA, LongVILAConfig, LongVILAProcessor
+    from _models import lively_tiny_model
+
+    from longvila import LongVILAProcessor
     from longvila.chat import ChatSession
     from longvila.parallel import init_sp
 
-    torch.manual_seed(5)
-    model = LongVILA(LongVILAConfig.tiny()).double().eval()
-    with torch.no_grad():  # larger weights than the default init, so answers are varied text
-        for param in model.llm.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.3)
+    model = lively_tiny_model(5).double()
     proc = LongVILAProcessor.tiny()
     video = np.random.default_rng(2).integers(0, 255, (6, 64, 64, 3), dtype=np.uint8)
 

@@ -25,31 +25,14 @@ def test_chat_session_under_sp_answers_as_one_process():
 
 
 def test_ask_cli_under_torchrun_prints_the_single_process_answer(tmp_path):
-    import av
     import numpy as np
-    import torch
+    from _models import lively_checkpoint
 
-    from longvila import LongVILA, LongVILAConfig, LongVILAProcessor
+    from longvila.eval.videoqa import write_video
 
-    torch.manual_seed(0)
-    model = LongVILA(LongVILAConfig.tiny())
-    with torch.no_grad():
-        for param in model.llm.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.3)
-    ckpt = tmp_path / "ckpt"
-    model.save_pretrained(ckpt)
-    LongVILAProcessor.tiny().save_pretrained(ckpt)
-    video = tmp_path / "clip.mp4"
+    ckpt = lively_checkpoint(tmp_path / "ckpt")
     frames = np.random.default_rng(1).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)
-    with av.open(str(video), "w") as container:
-        stream = container.add_stream("libx264", rate=8)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    video = write_video(tmp_path / "clip.mp4", frames)
     ask = ["-m", "longvila.cli", "ask", str(video), "What happens?", "--model", str(ckpt), "--frames", "8",
            "--max-new-tokens", "8"]  # fmt: skip
     single = subprocess.run([sys.executable, *ask], capture_output=True, text=True, timeout=300)

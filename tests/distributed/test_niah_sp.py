@@ -40,14 +40,9 @@ def test_eval_niah_cli_under_torchrun_writes_the_single_process_cells(tmp_path):
     import subprocess
     import sys
 
-    import torch
+    from _models import lively_checkpoint
 
-    from longvila import LongVILA, LongVILAConfig, LongVILAProcessor
-
-    torch.manual_seed(0)
-    ckpt = tmp_path / "ckpt"
-    LongVILA(LongVILAConfig.tiny()).save_pretrained(ckpt)
-    LongVILAProcessor.tiny().save_pretrained(ckpt)
+    ckpt = lively_checkpoint(tmp_path / "ckpt")
     grid = ["--frames", "4,8", "--depths", "0,100", "--num-needles", "2", "--model", str(ckpt)]
     cli = ["-m", "longvila.cli", "eval", "niah", *grid]
     single = subprocess.run(

@@ -9,20 +9,11 @@ import sys
 
 
 def test_eval_videoqa_under_torchrun_matches_one_process(tmp_path):
-    import torch
+    from _models import lively_checkpoint
 
-    from longvila import LongVILA, LongVILAConfig, LongVILAProcessor
     from longvila.eval.videoqa import PREDICTIONS, SUMMARY, write_synthetic_videoqa
 
-    torch.manual_seed(0)
-    model = LongVILA(LongVILAConfig.tiny())
-    with torch.no_grad():  # larger weights than the default init, so replies are varied text
-        for param in model.llm.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.3)
-    ckpt = tmp_path / "ckpt"
-    model.save_pretrained(ckpt)
-    LongVILAProcessor.tiny().save_pretrained(ckpt)
+    ckpt = lively_checkpoint(tmp_path / "ckpt")
     data = write_synthetic_videoqa(tmp_path / "data", num_questions=4, num_frames=4)
     with open(data, "a") as handle:  # one question whose video is missing: an error record, retried
         missing = {"question_id": "gone", "video": "videos/missing.mp4", "question": "Which colour?"}

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import lively_checkpoint
 
-from longvila import LongVILA, LongVILAConfig, LongVILAProcessor
 from longvila.cli import main as cli_main
 from longvila.commands._model import load_for_inference, resolve_device, resolve_dtype
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt")
-    torch.manual_seed(0)
-    model = LongVILA(LongVILAConfig.tiny())
-    with torch.no_grad():  # larger weights than the default init, so greedy answers are varied text
-        for param in model.llm.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.3)
-    model.save_pretrained(path)
-    LongVILAProcessor.tiny().save_pretrained(path)
-    return path
+    return lively_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_device_and_dtype_resolution():
@@ -50,23 +41,14 @@ def test_load_for_inference_places_and_casts(ckpt):
 
 
 def test_ask_runs_the_model_in_the_dtype_asked_for(ckpt, tmp_path, capsys):
-    import av
     import numpy as np
 
     from longvila.chat import ChatSession
     from longvila.data.video import decode_frames
+    from longvila.eval.videoqa import write_video
 
     frames = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
-
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=4, options={"crf": "0"})
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv444p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path = write_video(tmp_path / "clip.mp4", frames)
     code = cli_main(
         ["ask", str(path), "What is this?", "--model", str(ckpt), "--dtype", "bfloat16", "--device", "cpu",
          "--frames", "4", "--max-new-tokens", "5"]

@@ -10,7 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from longvila.commands._model import add_model_arguments, add_parallel_arguments, load_for_inference
+from longvila.commands._model import (
+    add_model_arguments,
+    add_parallel_arguments,
+    load_for_inference,
+    sequence_parallel_from_args,
+)
 
 HELP = "ask a model about a video or image"
 
@@ -65,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.chat and args.ulysses * args.ring > 1:
         return _error("--chat reads standard input and cannot run under torchrun; ask one question")
-    from longvila.commands._model import sequence_parallel_from_args
     from longvila.train.distributed import teardown_distributed
 
     try:

@@ -64,10 +64,6 @@ def run(args: argparse.Namespace) -> int:
     return run_niah_command(args)
 
 
-def _load(args: argparse.Namespace, torch_device=None):
-    return load_for_inference(args.model, args.device, args.dtype, torch_device=torch_device)
-
-
 def run_videoqa_command(args: argparse.Namespace) -> int:
     from longvila.eval.videoqa import format_summary, run_videoqa
     from longvila.train.distributed import teardown_distributed
@@ -75,7 +71,7 @@ def run_videoqa_command(args: argparse.Namespace) -> int:
     sp = None
     try:
         sp, device = sequence_parallel_from_args(args, "eval videoqa")
-        model, processor = _load(args, torch_device=device)
+        model, processor = load_for_inference(args.model, args.device, args.dtype, torch_device=device)
         summary = run_videoqa(
             model,
             processor,
@@ -125,13 +121,14 @@ def run_niah_command(args: argparse.Namespace) -> int:
 
     from longvila.eval.niah import Needle, load_needles, run_niah
     from longvila.eval.plots import plot_niah_heatmap
+    from longvila.train.distributed import teardown_distributed
 
     sp = None
     try:
         frame_counts = parse_grid(args.frames, "--frames")
         depths = [d / 100.0 for d in parse_grid(args.depths, "--depths")]
         sp, device = sequence_parallel_from_args(args, "eval niah")
-        model, processor = _load(args, torch_device=device)
+        model, processor = load_for_inference(args.model, args.device, args.dtype, torch_device=device)
         haystack: object = args.haystack
         if args.needles == "synthetic":
             from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame
@@ -166,8 +163,6 @@ def run_niah_command(args: argparse.Namespace) -> int:
         print(f"longvila eval niah: {exc}", file=sys.stderr)
         return 1
     finally:
-        from longvila.train.distributed import teardown_distributed
-
         teardown_distributed()
     if sp is not None and sp.sp_rank != 0:
         return 0  # every rank computed the same grid; SP rank 0 reports it

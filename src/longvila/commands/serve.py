@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from longvila.commands._model import add_model_arguments
+from longvila.commands._model import add_model_arguments, load_for_inference
 
 HELP = "OpenAI-compatible HTTP server"
 
@@ -33,7 +33,6 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.model).is_dir():
         print(f"longvila serve: error: model directory not found: {args.model}", file=sys.stderr)
         return 1
-    from longvila.commands._model import load_for_inference
     from longvila.serve.server import create_server
 
     try:

@@ -241,10 +241,9 @@ def run_videoqa(
         )
     writer = not parallel or sp.sp_rank == 0
     progress = progress and writer
-    quiet = not writer
-    log = log or (lambda message: print(message, file=sys.stderr))
-    if quiet:
+    if not writer:
         log = lambda message: None  # noqa: E731
+    log = log or (lambda message: print(message, file=sys.stderr))
     data = Path(data)
     root = Path(media_root) if media_root is not None else data.parent
     out = Path(out_dir)

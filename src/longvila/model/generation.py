@@ -213,18 +213,9 @@ def _generate_sp(
     model.check_sp(sp)
     device = model.device
     if inputs_embeds is not None:
-        embeds = inputs_embeds.to(device)
-        if embeds.ndim == 2:
-            embeds = embeds[None]
-        if embeds.ndim != 3 or embeds.shape[0] != 1:
-            raise NotImplementedError(
-                f"sequence-parallel generation takes one prompt at a time; inputs_embeds has shape "
-                f"{tuple(inputs_embeds.shape)}"
-            )
+        embeds = _one_prompt(inputs_embeds, NotImplementedError).to(device)
         length = embeds.shape[1]
-        total = length + (-length) % sp.sequence_multiple
-        if total > length:
-            embeds = torch.cat([embeds, embeds.new_zeros(1, total - length, embeds.shape[-1])], dim=1)
+        embeds = _pad_for_layout(embeds, sp)
     else:
         input_ids = input_ids.to(device)
         if input_ids.ndim == 1:
@@ -247,6 +238,25 @@ def _generate_sp(
     return _decode_loop(
         model, last, ctx, cache, next_pos, owns_new, sampling, end_ids, pad_token_id, streamer, max_new_tokens
     )
+
+
+def _one_prompt(inputs_embeds, error: type[Exception]) -> torch.Tensor:
+    """(T, D) or (1, T, D) embeddings of one prompt as (1, T, D); `error` for any other shape."""
+    embeds = inputs_embeds[None] if inputs_embeds.ndim == 2 else inputs_embeds
+    if embeds.ndim != 3 or embeds.shape[0] != 1:
+        raise error(
+            f"one prompt at a time: inputs_embeds must be (1, T, D) or (T, D), got {tuple(inputs_embeds.shape)}"
+        )
+    return embeds
+
+
+def _pad_for_layout(embeds, sp) -> torch.Tensor:
+    """(1, T, D) zero-padded at the end to the SP layout's multiple (the padding is its own segment)."""
+    length = embeds.shape[1]
+    extra = (-length) % sp.sequence_multiple
+    if not extra:
+        return embeds
+    return torch.cat([embeds, embeds.new_zeros(1, extra, embeds.shape[-1])], dim=1)
 
 
 def _sp_prefill(model, embeds, length: int, sp, cache=None):
@@ -282,9 +292,7 @@ def last_position_logits(model, inputs_embeds: torch.Tensor, last: int, sp=None)
     prompt is prefilled with MM-SP, as in generation, and every rank returns the same logits; the
     same embeddings must be given on every rank. Used by V-NIAH's teacher-forced score.
     """
-    embeds = inputs_embeds[None] if inputs_embeds.ndim == 2 else inputs_embeds
-    if embeds.ndim != 3 or embeds.shape[0] != 1:
-        raise ValueError(f"inputs_embeds must be (1, T, D) or (T, D), got {tuple(inputs_embeds.shape)}")
+    embeds = _one_prompt(inputs_embeds, ValueError)
     length = embeds.shape[1]
     if not 1 <= last <= length:
         raise ValueError(f"last must be in [1, {length}] for a {length}-token prompt, got {last}")
@@ -292,9 +300,6 @@ def last_position_logits(model, inputs_embeds: torch.Tensor, last: int, sp=None)
     if sp is None or sp.sp_degree == 1:
         return model.llm(inputs_embeds=embeds, use_cache=False, logits_to_keep=last).logits[0]
     model.check_sp(sp)
-    total = length + (-length) % sp.sequence_multiple
-    if total > length:
-        embeds = torch.cat([embeds, embeds.new_zeros(1, total - length, embeds.shape[-1])], dim=1)
-    hidden, index, _ = _sp_prefill(model, embeds, length, sp)
+    hidden, index, _ = _sp_prefill(model, _pad_for_layout(embeds, sp), length, sp)
     wanted = torch.arange(length - last, length, device=embeds.device)
     return model._head()(_gather_positions(hidden, index, wanted, sp))

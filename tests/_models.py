@@ -1,4 +1,6 @@
-"""Tiny models shared by the tests."""
+"""Tiny models shared by the tests (unit and distributed: tests/conftest.py puts this folder on the path)."""
+
+from pathlib import Path
 
 import torch
 
@@ -15,3 +17,12 @@ def lively_tiny_model(seed: int = 0, std: float = 0.3) -> LongVILA:
             if weight.ndim >= 2:
                 weight.normal_(0, std)
     return model
+
+
+def lively_checkpoint(path, seed: int = 0) -> Path:
+    """`lively_tiny_model(seed)` saved with the tiny processor as a checkpoint directory at `path`."""
+    from longvila import LongVILAProcessor
+
+    path = Path(path)
+    lively_tiny_model(seed).save_pretrained(path, processor=LongVILAProcessor.tiny())
+    return path
