@@ -1,28 +1,43 @@
-# Common commands. `make test` and `make demo` set up .venv on first use.
+# Common commands. `make test` and `make demo` set up .venv on first use, from the lock.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch (a local wheel on our machines); set TORCH_SPEC="" where torch is already installed.
+# The CPU build of torch (a local wheel on our machines). Elsewhere: TORCH_SPEC="torch==2.11.0", or
+# TORCH_SPEC="" where torch is already installed (see docs/install.md).
 TORCH_SPEC ?= torch==2.13.0
+# The lock: exact versions of every other package, direct and transitive (refresh with `make lock`).
+# LOCK="" installs from pyproject.toml's ranges instead (a machine the lock was not made for).
+LOCK ?= requirements/constraints.txt
+# Every extra of pyproject.toml: the tests cover all of them (tests/unit/test_lock.py checks this list).
+EXTRAS ?= dev,eval,video-backends
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install -q $(if $(LOCK),-c $(LOCK))
 
-.PHONY: setup test test-fast demo lint format clean
+.PHONY: setup lock test test-fast test-gpu demo lint format clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements/lmms-eval.txt
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt requirements/lmms-eval.txt requirements/no-deps.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/pip install -q "$(TORCH_SPEC)"; fi
-	$(BIN)/pip install -q -e ".[dev,eval,video-backends]"
-	$(BIN)/pip install -q --no-deps "lmms-eval==0.7.3"
-	$(BIN)/pip install -q -r requirements/lmms-eval.txt
+	$(PIP) pip setuptools
+	if [ -n "$(TORCH_SPEC)" ]; then $(PIP) "$(TORCH_SPEC)"; fi
+	$(PIP) --no-build-isolation -e ".[$(EXTRAS)]"
+	$(PIP) --no-deps -r requirements/no-deps.txt
+	$(PIP) -r requirements/lmms-eval.txt
 	touch $@
+
+# Resolve everything afresh in a throwaway venv (holds from requirements/holds.txt) and rewrite the lock.
+lock:
+	$(PYTHON) scripts/lock.py --torch "$(TORCH_SPEC)" --extras "$(EXTRAS)"
 
 test: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The CUDA suite (skips without a GPU): run on a GPU machine, e.g. `make test-gpu TORCH_SPEC="" LOCK=""`.
+test-gpu: setup
+	$(BIN)/python -m pytest -q tests/gpu
 
 demo: setup
 	$(BIN)/longvila demo
