@@ -68,7 +68,7 @@ SIGLIP_TINY = dict(
     num_attention_heads=4,
     vision_use_head=False,
 )
-H100_BF16_DENSE_TFLOPS = 989.0  # the MFU denominator REFERENCE.md uses
+H100_BF16_DENSE_TFLOPS = 989.0  # the MFU denominator docs/reference.md uses
 
 
 def qwen2_config(name: str, **overrides) -> dict:

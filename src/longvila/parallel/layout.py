@@ -1,6 +1,6 @@
 """Choosing the 2D layout: Ulysses degree U inside a node, ring degree R across nodes.
 
-Rules (REFERENCE.md, MM-SP):
+Rules (docs/reference.md, MM-SP):
 - Ulysses moves every token's activations by all-to-all, so its group must stay on NVLink: U divides
   the GPUs per node (then contiguous ranks never straddle nodes).
 - Ulysses scatters heads: U divides the query heads; when U exceeds the K/V heads, the K/V heads are

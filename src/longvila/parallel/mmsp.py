@@ -1,6 +1,6 @@
 """MM-SP: the strategy the LongVILA model calls under sequence parallelism.
 
-Two-stage sharding (REFERENCE.md): every rank of an SP group holds the same packed batch.
+Two-stage sharding (docs/reference.md): every rank of an SP group holds the same packed batch.
   Stage 1: the frames are split evenly across the SP ranks; each rank encodes only its share
            (`split_frames`), and the frame embeddings are all-gathered (`gather_frames`, whose
            backward is a reduce-scatter, so the vision tower and projector get the gradient of every

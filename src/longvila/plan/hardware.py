@@ -1,7 +1,7 @@
 """Measured throughput and links of the GPUs the planner knows, with where each number comes from.
 
 Every rate below was measured on one H100 80GB SXM (torch 2.11, bf16) and is recorded in
-/work/shared/REFERENCE.md ("Measured here"); the link speeds are the paper's cluster (LongVILA,
+docs/reference.md ("Measured here"); the link speeds are the paper's cluster (LongVILA,
 arXiv 2408.10188: 8 x H100 per node, NVLink 900 GB/s, InfiniBand 50 GB/s). The planner never assumes
 peak (989 TFLOP/s dense bf16): it uses what a kernel actually reached.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 GIB = 1024**3
 
 # The paper's zigzag ring on 64 H100s (8 nodes, InfiniBand 50 GB/s per GPU) at ~578K tokens took
-# 77.2 s per iteration against 16.9 s for 2D attention (REFERENCE.md). With the ring's hops at the full
+# 77.2 s per iteration against 16.9 s for 2D attention (docs/reference.md). With the ring's hops at the full
 # 50 GB/s this model hides them behind the block kernel (1.03x); the paper's gap needs the cross-node
 # hops to reach about a tenth of the link. `benchmarks/plan_ring_fit.py` fits this number to that
 # measurement (Llama-3-8B, U = 8 x R = 8 against U = 1 x R = 64) and checks it.
@@ -104,11 +104,11 @@ H100 = Hardware(
     name="h100",
     # 80 GiB card; ~1.5 GiB go to the CUDA context, NCCL and cuBLAS workspaces.
     memory_bytes=int(78.5 * GIB),
-    matmul_flops=785e12,  # REFERENCE.md: "bf16 matmul 785 TFLOP/s"
-    attention_forward_flops=481e12,  # REFERENCE.md: "SDPA flash causal forward 481 TFLOP/s at 131K tokens"
-    attention_backward_flops=429e12,  # REFERENCE.md: "... and backward 429 TFLOP/s"
-    memory_bandwidth=3.0e12,  # REFERENCE.md: "device copy 3.0 TB/s"
-    vision_frames_per_second=469.0,  # REFERENCE.md: "SigLIP-so400m at 384 px, bf16, batch 64: 469 frames/s"
+    matmul_flops=785e12,  # docs/reference.md: "bf16 matmul 785 TFLOP/s"
+    attention_forward_flops=481e12,  # docs/reference.md: "SDPA flash causal forward 481 TFLOP/s at 131K tokens"
+    attention_backward_flops=429e12,  # docs/reference.md: "... and backward 429 TFLOP/s"
+    memory_bandwidth=3.0e12,  # docs/reference.md: "device copy 3.0 TB/s"
+    vision_frames_per_second=469.0,  # docs/reference.md: "SigLIP-so400m at 384 px, bf16, batch 64: 469 frames/s"
     intra_node_bandwidth=900e9,  # paper: NVLink 900 GB/s
     inter_node_bandwidth=50e9,  # paper: InfiniBand 50 GB/s
     gpus_per_node=8,

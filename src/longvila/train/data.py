@@ -53,7 +53,7 @@ def needle_messages(frames: np.ndarray, answer: str | None, question: str = NEED
 class NeedleDataset(torch.utils.data.Dataset):
     """Long-video needle QA made in memory: noise frames with one flat-colour frame; answer its colour.
 
-    Haystack lengths are log-uniform in [min_frames, max_frames]: REFERENCE.md ("A synthetic needle task
+    Haystack lengths are log-uniform in [min_frames, max_frames]: docs/reference.md ("A synthetic needle task
     a tiny model can learn") found that this curriculum learns and extrapolates, while a fixed length
     stalls at chance.
     """

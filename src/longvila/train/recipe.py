@@ -148,7 +148,7 @@ class StageSection:
     """1 alignment (projector), 2 pre-training (projector + LLM), 3 short SFT (all), 4 context
     extension (LLM through LoRA, text only, RoPE base raised), 5 long SFT (all)."""
     rope_theta: float | None = None
-    """New RoPE base of the LLM (stage 4; REFERENCE.md table: 131072 -> 15.3M, ... 1M -> 3.58e9)."""
+    """New RoPE base of the LLM (stage 4; docs/reference.md table: 131072 -> 15.3M, ... 1M -> 3.58e9)."""
     max_length: int | None = None
     """Target context length in tokens; also raises the LLM's max_position_embeddings."""
     lora_rank: int = 8
