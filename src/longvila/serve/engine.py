@@ -175,12 +175,13 @@ class Engine:
             self._wake.notify()
         self._thread.join(timeout=30)
 
-    def _next_batch(self) -> list[Job]:
+    def _wait_for_work(self) -> None:
         with self._wake:
             while not self._queue and not self._closed:
                 self._wake.wait()
-            if self._closed:
-                return []
+
+    def _take_batch(self) -> list[Job]:
+        """Up to `max_batch_size` queued jobs, waiting `batch_wait_s` for more to join the first."""
         deadline = time.perf_counter() + self.config.batch_wait_s
         with self._wake:
             while len(self._queue) < self.config.max_batch_size and time.perf_counter() < deadline:
@@ -190,8 +191,11 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._closed:
+            self._wait_for_work()  # outside the hold, so `hold()` can pause a waiting engine
             with self._hold:
-                jobs = [job for job in self._next_batch() if not self._drop_cancelled(job)]
+                if self._closed:
+                    break
+                jobs = [job for job in self._take_batch() if not self._drop_cancelled(job)]
                 if not jobs:
                     continue
                 self.running = len(jobs)

@@ -213,7 +213,9 @@ class ChatService:
         except RequestError as error:
             admission.release()
             self.engine.metrics.count_request(f"error_{error.status}")
-            return _error(error, {"Connection": "close"} if error.status in (408, 413) else None)
+            # After a 413 the connection stays open, so uvicorn reads and drops the rest of the body:
+            # closing with unread bytes would reset the connection and lose the answer to the client.
+            return _error(error, {"Connection": "close"} if error.status == 408 else None)
         except BaseException:
             admission.release()
             raise
