@@ -27,10 +27,12 @@ def conversation():
     return [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "What now?"}]}]
 
 
-def test_export_is_a_plain_hf_checkpoint(exported):
+def test_export_is_a_plain_hf_checkpoint(exported, tiny_processor):
     _, out = exported
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert tiny_processor.im_end_id in generation["eos_token_id"]  # the engine stops where we stop
     assert "longvila" not in json.dumps(config)
     assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from longvila.serve.engine import stop_token_ids
 
 
 def export_llm(model, processor, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
@@ -45,8 +48,7 @@ def export_llm(model, processor, out_dir: str | os.PathLike, *, dtype: torch.dty
         finally:
             config._attn_implementation = saved
         processor.tokenizer.save_pretrained(tmp)
-        if dtype is not None:
-            _rewrite_dtype(tmp, dtype)
+        _write_generation_settings(tmp, sorted(stop_token_ids(model, processor)), processor.pad_token_id, dtype)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -56,13 +58,16 @@ def export_llm(model, processor, out_dir: str | os.PathLike, *, dtype: torch.dty
     return out
 
 
-def _rewrite_dtype(folder: Path, dtype: torch.dtype) -> None:
-    import json
-
-    path = folder / "config.json"
-    config = json.loads(path.read_text())
-    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
-    path.write_text(json.dumps(config, indent=2))
+def _write_generation_settings(folder: Path, stop_ids: list[int], pad_id: int, dtype: torch.dtype | None) -> None:
+    """End-of-sequence ids (so the engine stops at `<|im_end|>` as we do), the pad id, and the dtype."""
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        settings = json.loads(path.read_text()) if path.exists() else {}
+        settings["eos_token_id"] = stop_ids
+        settings["pad_token_id"] = pad_id
+        if dtype is not None and name == "config.json":
+            settings["dtype"] = str(dtype).removeprefix("torch.")
+        path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 @torch.no_grad()
