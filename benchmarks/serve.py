@@ -40,6 +40,17 @@ def video_turn(path: Path, frames: int, text: str) -> list[dict]:
     return [{"role": "user", "content": [part, {"type": "text", "text": text}]}]
 
 
+def serve(model, processor, root: Path, **limits):
+    """A loopback server reading media under `root`, and an `openai` client for it."""
+    import openai
+
+    server = create_server(
+        model, processor, port=0, model_name="bench", allowed_local_media_path=root, **limits
+    )
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    return server, client
+
+
 def first_token_seconds(client, messages) -> float:
     start = time.perf_counter()
     client.chat.completions.create(model="bench", messages=messages, max_tokens=1, temperature=0)
@@ -47,21 +58,17 @@ def first_token_seconds(client, messages) -> float:
 
 
 def reuse(model, processor, video: Path, warm_up: Path, frames: int, root: Path) -> dict:
-    import openai
-
     out = {}
     for label, budget in (("cached", 4 << 30), ("caches_off", 0)):
-        with create_server(
+        server, client = serve(
             model,
             processor,
-            port=0,
-            model_name="bench",
-            allowed_local_media_path=root,
+            root,
             max_num_frames=frames,
             embedding_cache_bytes=budget,
             prefix_cache_bytes=budget,
-        ) as server:
-            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=600, max_retries=0)
+        )
+        with server:
             first_token_seconds(client, video_turn(warm_up, 4, "Warm up."))  # first-call costs
             messages = video_turn(video, frames, "What happens in this video?")
             first = first_token_seconds(client, messages)
@@ -80,24 +87,19 @@ def reuse(model, processor, video: Path, warm_up: Path, frames: int, root: Path)
 
 
 def throughput(model, processor, videos: list[Path], root: Path, requests: int, tokens: int) -> dict:
-    import openai
-
-    with create_server(
-        model,
-        processor,
-        port=0,
-        model_name="bench",
-        allowed_local_media_path=root,
-        embedding_cache_bytes=0,
-        prefix_cache_bytes=0,
-        max_batch_size=requests,
-    ) as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=600, max_retries=0)
+    server, client = serve(
+        model, processor, root, embedding_cache_bytes=0, prefix_cache_bytes=0, max_batch_size=requests
+    )
+    with server:
 
         def ask(i: int, tag: str) -> None:
             messages = video_turn(videos[i % len(videos)], 8, f"{tag} question {i}: what is shown?")
             reply = client.chat.completions.create(
-                model="bench", messages=messages, max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True}
+                model="bench",
+                messages=messages,
+                max_tokens=tokens,
+                temperature=0,
+                extra_body={"ignore_eos": True},
             )
             assert reply.usage.completion_tokens == tokens
 
@@ -144,14 +146,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         size = args.resolution
-        long_video = write_video(root / "long.mp4", rng.integers(0, 255, (args.frames, size, size, 3), np.uint8))
+        long_video = write_video(
+            root / "long.mp4", rng.integers(0, 255, (args.frames, size, size, 3), np.uint8)
+        )
         short = [
-            write_video(root / f"short{i}.mp4", rng.integers(0, 255, (8, 64, 64, 3), np.uint8)) for i in range(4)
+            write_video(root / f"short{i}.mp4", rng.integers(0, 255, (8, 64, 64, 3), np.uint8))
+            for i in range(4)
         ]
         results = {
             "machine": machine(),
             "model": "LongVILAConfig.tiny() (random weights)",
-            "video": {"frames": args.frames, "resolution": f"{size}x{size}", "bytes": long_video.stat().st_size},
+            "video": {
+                "frames": args.frames,
+                "resolution": f"{size}x{size}",
+                "bytes": long_video.stat().st_size,
+            },
             "reuse": reuse(model, processor, long_video, short[0], args.frames, root),
             "batching": throughput(model, processor, short, root, args.requests, args.tokens),
         }

@@ -34,7 +34,9 @@ def read_line(stream, timeout: float) -> str:
 def test_serve_subprocess_with_key_and_media_root(ckpt, tmp_path):
     media = tmp_path / "media"
     media.mkdir()
-    video = write_video(media / "clip.mp4", np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8))
+    video = write_video(
+        media / "clip.mp4", np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    )
     command = [sys.executable, "-m", "longvila.cli", "serve", "--model", str(ckpt), "--port", "0"]
     command += ["--api-key", "k1", "--allowed-local-media-path", str(media), "--frames", "2"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,13 +1,12 @@
 """The serving engine: dynamic batching, the frame-embedding cache and prefix K/V reuse, each checked
 against direct `model.generate` on a model whose replies vary with the input."""
 
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 from _models import lively_tiny_model
+from _serve_helpers import start_queued
 from PIL import Image
 
 from longvila.eval.videoqa import write_video
@@ -24,7 +23,10 @@ MAX_TOKENS = 6
 def media(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     rng = np.random.default_rng(3)
-    videos = [write_video(root / f"v{i}.mp4", rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)) for i in range(3)]
+    videos = [
+        write_video(root / f"v{i}.mp4", rng.integers(0, 255, (8, 64, 64, 3), dtype=np.uint8))
+        for i in range(3)
+    ]
     image = root / "img.png"
     Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(image)
     return {"root": root, "videos": videos, "image": image}
@@ -130,7 +132,9 @@ def test_another_question_on_the_same_video_reuses_its_prefix(server, client, me
     reused = describe(server.engine)["prefix_tokens_reused"] - before["prefix_tokens_reused"]
     assert reused >= 4 * server.engine.model.config.tokens_per_frame  # the whole video
     assert len(tower_calls) == 1
-    assert reply.choices[0].message.content == direct(server, [api_turn(video, text="What colour is the sky?")])
+    assert reply.choices[0].message.content == direct(
+        server, [api_turn(video, text="What colour is the sky?")]
+    )
 
 
 def test_multi_turn_chat_reuses_the_previous_turn(server, client, media):
@@ -167,7 +171,9 @@ def test_sixteen_concurrent_requests_are_batched_and_equal_direct_generation(ser
         video = media["videos"][i % 3] if i % 4 else None
         image = media["image"] if i % 5 == 0 else None
         kwargs = {"temperature": 0.8, "seed": 100 + i} if i % 6 == 0 else {}
-        requests.append(([api_turn(video, image, text=f"Question {i}: what now?", num_frames=2 + i % 5)], kwargs))
+        requests.append(
+            ([api_turn(video, image, text=f"Question {i}: what now?", num_frames=2 + i % 5)], kwargs)
+        )
     answers: dict[int, str] = {}
 
     def run(index):
@@ -176,13 +182,7 @@ def test_sixteen_concurrent_requests_are_batched_and_equal_direct_generation(ser
 
     engine = server.engine
     with engine.hold():  # let all 16 queue up, so that they form one batch
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
-        for thread in threads:
-            thread.start()
-        deadline = time.time() + 120
-        while engine.waiting < 16 and time.time() < deadline:
-            time.sleep(0.02)
-        assert engine.waiting == 16
+        threads = start_queued(engine, [lambda i=i: run(i) for i in range(16)])
     for thread in threads:
         thread.join(timeout=300)
     assert describe(engine)["batch_sizes"][-1] == 16

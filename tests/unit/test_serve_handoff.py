@@ -24,7 +24,12 @@ def exported(tmp_path_factory, tiny_processor):
 def conversation():
     rng = np.random.default_rng(5)
     video = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
-    return [{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "What now?"}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "video", "video": video}, {"type": "text", "text": "What now?"}],
+        }
+    ]
 
 
 def test_export_is_a_plain_hf_checkpoint(exported, tiny_processor):

@@ -5,12 +5,12 @@ server-side caps, and a streaming client that disconnects."""
 import base64
 import json
 import socket
-import threading
 import time
 
 import numpy as np
 import pytest
 from _models import lively_tiny_model
+from _serve_helpers import start_queued, wait_idle
 
 from longvila.eval.videoqa import write_video
 from longvila.serve.engine import describe
@@ -81,7 +81,11 @@ def raw_exchange(server, data: bytes, timeout: float = 30) -> bytes:
                 chunks.append(chunk)
                 if b"\r\n\r\n" in b"".join(chunks) and b"content-length: " in b"".join(chunks):
                     head, _, rest = b"".join(chunks).partition(b"\r\n\r\n")
-                    length = int(head.split(b"content-length: ")[-1].split(b"\r\n")[0]) if b"content-length: " in head else 0
+                    length = (
+                        int(head.split(b"content-length: ")[-1].split(b"\r\n")[0])
+                        if b"content-length: " in head
+                        else 0
+                    )
                     if len(rest) >= length:
                         break
         except TimeoutError:
@@ -221,7 +225,9 @@ def test_caps_on_frames_fps_and_max_tokens(server, client, files):
             client.chat.completions.create(model="tiny", **kwargs)
         assert "must be within" in info.value.body["message"], name
     # fps within the cap decodes at most max_num_frames frames
-    reply = client.chat.completions.create(model="tiny", messages=video_turn(files["inside"], fps=2.0), max_tokens=1)
+    reply = client.chat.completions.create(
+        model="tiny", messages=video_turn(files["inside"], fps=2.0), max_tokens=1
+    )
     assert reply.usage.prompt_tokens < 9 * 20
 
 
@@ -239,13 +245,7 @@ def test_a_full_queue_answers_429(server, client):
 
     try:
         with engine.hold():
-            threads = [threading.Thread(target=ask) for _ in range(2)]
-            for thread in threads:
-                thread.start()
-            deadline = time.time() + 30
-            while engine.waiting < 2 and time.time() < deadline:
-                time.sleep(0.02)
-            assert engine.waiting == 2
+            threads = start_queued(engine, [ask, ask])
             with pytest.raises(openai.RateLimitError) as info:
                 client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
             assert info.value.status_code == 429 and info.value.body["code"] == "queue_full"
@@ -254,13 +254,6 @@ def test_a_full_queue_answers_429(server, client):
     finally:
         engine.config.max_pending = limit
     assert len(results) == 2
-
-
-def wait_idle(engine, timeout=60):
-    deadline = time.time() + timeout
-    while (engine.pending or engine.running or engine.waiting) and time.time() < deadline:
-        time.sleep(0.02)
-    assert not (engine.pending or engine.running or engine.waiting)
 
 
 def test_a_disconnected_streaming_client_stops_its_generation(server):
@@ -291,12 +284,57 @@ def test_a_disconnected_streaming_client_stops_its_generation(server):
     assert 1 <= generated < max_tokens // 4, generated
     # The server goes on serving.
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, timeout=60, max_retries=0)
-    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=2)
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "ok?"}], max_tokens=2
+    )
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_a_disconnected_plain_client_stops_its_generation(server):
+    engine = server.engine
+    wait_idle(engine)
+    before = describe(engine)
+    max_tokens = 4000
+    body = json.dumps(
+        {
+            "messages": [{"role": "user", "content": "Go on and on."}],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+        }
+    ).encode()
+    sock = socket.create_connection(address(server), timeout=30)
+    sock.sendall(post_head(len(body)) + body)
+    deadline = time.time() + 60
+    while not engine.running and time.time() < deadline:  # generating: the answer is not written yet
+        time.sleep(0.01)
+    sock.close()
+    wait_idle(engine)
+    after = describe(engine)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["generation_tokens"] - before["generation_tokens"] < max_tokens // 4
+
+
+def test_request_timeout_answers_504(server, client):
+    settings = server.settings
+    settings.timeout_request_s = 0.5
+    try:
+        with server.engine.hold():  # the request waits in the queue past its deadline
+            with pytest.raises(openai.InternalServerError) as info:
+                client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "late"}])
+        assert info.value.status_code == 504 and "longer than 0.5 s" in info.value.body["message"]
+    finally:
+        settings.timeout_request_s = None
+    wait_idle(server.engine)
+    reply = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "on time"}], max_tokens=2
+    )
     assert reply.usage.completion_tokens >= 1
 
 
 def test_metrics_are_exposed(server, client):
-    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "count me"}], max_tokens=2)
+    client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "count me"}], max_tokens=2
+    )
     text = raw_exchange(server, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").decode()
     for name in (
         "longvila_num_requests_waiting",

@@ -26,9 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--served-model-name", default=None, help="model id in responses (default: the folder name)"
     )
-    parser.add_argument("--frames", type=int, default=None, help="frames per video when a request does not say")
+    parser.add_argument(
+        "--frames", type=int, default=None, help="frames per video when a request does not say"
+    )
     parser.add_argument("--max-tokens", type=int, default=512, help="new tokens when a request does not say")
-    parser.add_argument("--temperature", type=float, default=0.0, help="when a request does not say (0: greedy)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="when a request does not say (0: greedy)"
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request")
     security = parser.add_argument_group("security and limits")
     security.add_argument(
@@ -45,19 +49,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--max-fps", type=float, default=4.0, help="cap on a request's fps")
     security.add_argument("--max-tokens-limit", type=int, default=4096, help="cap on a request's max_tokens")
     security.add_argument("--max-body-mb", type=float, default=64.0, help="request body limit (413 above)")
-    security.add_argument("--max-pending", type=int, default=64, help="requests in flight at most (429 above)")
-    security.add_argument("--timeout-header", type=float, default=10.0, help="seconds to send request headers")
+    security.add_argument(
+        "--max-pending", type=int, default=64, help="requests in flight at most (429 above)"
+    )
+    security.add_argument(
+        "--timeout-header", type=float, default=10.0, help="seconds to send request headers"
+    )
     security.add_argument("--timeout-body", type=float, default=60.0, help="seconds to send the body (408)")
     security.add_argument("--timeout-keep-alive", type=int, default=5, help="idle keep-alive seconds")
     security.add_argument("--timeout-request", type=float, default=None, help="arrival to last token (504)")
-    security.add_argument("--limit-concurrency", type=int, default=1024, help="connections at most (503 above)")
+    security.add_argument(
+        "--limit-concurrency", type=int, default=1024, help="connections at most (503 above)"
+    )
     engine = parser.add_argument_group("batching and caches")
     engine.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together at most")
     engine.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait for more requests to batch")
     engine.add_argument(
         "--embedding-cache-gb", type=float, default=4.0, help="frame-embedding cache budget (0: off)"
     )
-    engine.add_argument("--prefix-cache-gb", type=float, default=4.0, help="prompt-prefix K/V cache budget (0: off)")
+    engine.add_argument(
+        "--prefix-cache-gb", type=float, default=4.0, help="prompt-prefix K/V cache budget (0: off)"
+    )
     parser.add_argument(
         "--export-llm",
         metavar="DIR",

@@ -104,12 +104,16 @@ def stop_token_ids(model, processor) -> set[int]:
     return stops
 
 
-def token_keys(input_ids: torch.Tensor, image_token_id: int, request: ChatRequest, per_frame: int) -> np.ndarray:
+def token_keys(
+    input_ids: torch.Tensor, image_token_id: int, request: ChatRequest, per_frame: int
+) -> np.ndarray:
     """(T,) identity of each prompt token for the prefix cache: the token id, or, at `<image>` tokens, a
     negative number from the hash of (media content, frame index)."""
     keys = input_ids.numpy().astype(np.int64).copy()
     frame_keys = [
-        -1 - (int(content_hash(item.key, str(f))[:15], 16)) for item in request.media for f in range(item.num_frames)
+        -1 - (int(content_hash(item.key, str(f))[:15], 16))
+        for item in request.media
+        for f in range(item.num_frames)
     ]
     positions = np.flatnonzero(keys == image_token_id)
     if len(positions) != len(frame_keys) * per_frame:
@@ -307,7 +311,10 @@ class Engine:
         hidden = _prefill(self.model, embeds, position_ids, ctx, cache, self.config.prefill_chunk_size)
         out = []
         for row, n in enumerate(lengths):
-            kv = [(layer.keys[row : row + 1, :, longest - n :], layer.values[row : row + 1, :, longest - n :]) for layer in cache.layers]
+            kv = [
+                (layer.keys[row : row + 1, :, longest - n :], layer.values[row : row + 1, :, longest - n :])
+                for layer in cache.layers
+            ]
             out.append((kv, hidden[row]))
         return out
 
@@ -317,7 +324,12 @@ class Engine:
         device = self.model.device
         position_ids = torch.arange(shared, prompt.shape[0], device=device)[None]
         hidden = _prefill(
-            self.model, prompt[None, shared:], position_ids, AttentionContext(), cache, self.config.prefill_chunk_size
+            self.model,
+            prompt[None, shared:],
+            position_ids,
+            AttentionContext(),
+            cache,
+            self.config.prefill_chunk_size,
         )
         return [(layer.keys, layer.values) for layer in cache.layers], hidden[0]
 
@@ -338,7 +350,11 @@ class Engine:
         while rows:
             tokens = self._pick(head(hidden), rows)
             produced += len(rows)
-            keep = [i for i, (row, token) in enumerate(zip(rows, tokens.tolist())) if not self._advance(row, token)]
+            keep = [
+                i
+                for i, (row, token) in enumerate(zip(rows, tokens.tolist()))
+                if not self._advance(row, token)
+            ]
             if not keep:
                 break
             if len(keep) < len(rows):
@@ -361,7 +377,9 @@ class Engine:
         for i, row in enumerate(rows):
             request = row.job.request
             if request.temperature > 0:
-                tokens[i] = _pick(logits[i : i + 1], True, request.temperature, 0, request.top_p, row.generator)[0]
+                tokens[i] = _pick(
+                    logits[i : i + 1], True, request.temperature, 0, request.top_p, row.generator
+                )[0]
         return tokens
 
     def _advance(self, row: _Row, token: int) -> bool:

@@ -48,7 +48,9 @@ def export_llm(model, processor, out_dir: str | os.PathLike, *, dtype: torch.dty
         finally:
             config._attn_implementation = saved
         processor.tokenizer.save_pretrained(tmp)
-        _write_generation_settings(tmp, sorted(stop_token_ids(model, processor)), processor.pad_token_id, dtype)
+        _write_generation_settings(
+            tmp, sorted(stop_token_ids(model, processor)), processor.pad_token_id, dtype
+        )
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -58,7 +60,9 @@ def export_llm(model, processor, out_dir: str | os.PathLike, *, dtype: torch.dty
     return out
 
 
-def _write_generation_settings(folder: Path, stop_ids: list[int], pad_id: int, dtype: torch.dtype | None) -> None:
+def _write_generation_settings(
+    folder: Path, stop_ids: list[int], pad_id: int, dtype: torch.dtype | None
+) -> None:
     """End-of-sequence ids (so the engine stops at `<|im_end|>` as we do), the pad id, and the dtype."""
     for name in ("config.json", "generation_config.json"):
         path = folder / name

@@ -219,7 +219,9 @@ def load_media(
             Path(tmp).unlink(missing_ok=True)
         return MediaItem(kind, key, frames.shape[0], frames=frames)
     if urlparse(url).scheme in ("http", "https"):
-        raise RequestError(f"{where}: remote URLs are not fetched; pass a local path or a data URL", param=where)
+        raise RequestError(
+            f"{where}: remote URLs are not fetched; pass a local path or a data URL", param=where
+        )
     path = resolve_local_path(url, policy.allowed_local_media_path, where)
     key = content_hash(_file_hash(path, where), recipe)
     cached = cache.get(key) if cache is not None else None

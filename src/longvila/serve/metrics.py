@@ -62,7 +62,12 @@ class Metrics:
         with self.lock:
             metric("num_requests_waiting", "gauge", "Requests queued for the model.", [("", waiting)])
             metric("num_requests_running", "gauge", "Requests in the batch being generated.", [("", running)])
-            metric("num_requests_pending", "gauge", "Admitted requests (reading, decoding, queued, running).", [("", pending)])
+            metric(
+                "num_requests_pending",
+                "gauge",
+                "Admitted requests (reading, decoding, queued, running).",
+                [("", pending)],
+            )
             metric(
                 "requests_total",
                 "counter",
@@ -72,10 +77,30 @@ class Metrics:
             metric("prompt_tokens_total", "counter", "Prompt tokens admitted.", [("", self.prompt_tokens)])
             metric("generation_tokens_total", "counter", "Tokens generated.", [("", self.generation_tokens)])
             rate = self.generation_tokens / self.decode_seconds if self.decode_seconds else 0.0
-            metric("generation_tokens_per_second", "gauge", "Tokens per second over all decoding so far.", [("", rate)])
-            metric("vision_tower_calls_total", "counter", "Media items run through the vision tower.", [("", self.vision_tower_calls)])
-            metric("prefix_tokens_reused_total", "counter", "Prompt tokens whose K/V came from the prefix cache.", [("", self.prefix_tokens_reused)])
-            metric("requests_cancelled_total", "counter", "Generations stopped because the client left.", [("", self.cancelled)])
+            metric(
+                "generation_tokens_per_second",
+                "gauge",
+                "Tokens per second over all decoding so far.",
+                [("", rate)],
+            )
+            metric(
+                "vision_tower_calls_total",
+                "counter",
+                "Media items run through the vision tower.",
+                [("", self.vision_tower_calls)],
+            )
+            metric(
+                "prefix_tokens_reused_total",
+                "counter",
+                "Prompt tokens whose K/V came from the prefix cache.",
+                [("", self.prefix_tokens_reused)],
+            )
+            metric(
+                "requests_cancelled_total",
+                "counter",
+                "Generations stopped because the client left.",
+                [("", self.cancelled)],
+            )
             buckets = [(f'{{le="{b}"}}', c) for b, c in zip(self.ttft.buckets, self.ttft.counts)]
             buckets.append(('{le="+Inf"}', self.ttft.count))
             lines.append("# HELP longvila_time_to_first_token_seconds Arrival to first generated token.")

@@ -31,7 +31,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -121,7 +121,9 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise RequestError(f"the body is larger than the server's limit of {limit} bytes", status=413)
+                    raise RequestError(
+                        f"the body is larger than the server's limit of {limit} bytes", status=413
+                    )
                 chunks.append(chunk)
     except TimeoutError as exc:
         raise RequestError(f"the body did not arrive within {timeout:g} s", status=408) from exc
@@ -187,7 +189,12 @@ class ChatService:
         return JSONResponse({"status": "ok"})
 
     async def models(self, request: Request) -> Response:
-        entry = {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "longvila"}
+        entry = {
+            "id": self.settings.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "longvila",
+        }
         return JSONResponse({"object": "list", "data": [entry]})
 
     async def metrics(self, request: Request) -> Response:
@@ -205,7 +212,9 @@ class ChatService:
         if not self.engine.try_admit():
             self.engine.metrics.count_request("rejected")
             limit = self.engine.config.max_pending
-            error = RequestError(f"the server is busy ({limit} requests in flight); retry later", status=429, code="queue_full")
+            error = RequestError(
+                f"the server is busy ({limit} requests in flight); retry later", status=429, code="queue_full"
+            )
             return _error(error, {"Retry-After": "1"})
         admission = _Admission(self.engine)
         try:
@@ -216,6 +225,10 @@ class ChatService:
             # After a 413 the connection stays open, so uvicorn reads and drops the rest of the body:
             # closing with unread bytes would reset the connection and lose the answer to the client.
             return _error(error, {"Connection": "close"} if error.status == 408 else None)
+        except ClientDisconnect:
+            admission.release()  # gone while sending its body: nobody to answer
+            self.engine.metrics.count_request("cancelled")
+            return Response(status_code=499)
         except BaseException:
             admission.release()
             raise
@@ -327,7 +340,11 @@ class Completion:
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
         total = self.prompt_tokens + completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": total,
+        }
 
     def reply(self, text: str, finish: str, completion_tokens: int) -> dict[str, Any]:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
@@ -454,7 +471,11 @@ def create_server(
     groups = {"settings": {}, "media": {}, "engine": {}}
     for name, value in limits.items():
         group = next(
-            (g for g, cls in (("settings", ServerSettings), ("media", MediaPolicy), ("engine", EngineConfig)) if name in cls.__dataclass_fields__),
+            (
+                g
+                for g, cls in (("settings", ServerSettings), ("media", MediaPolicy), ("engine", EngineConfig))
+                if name in cls.__dataclass_fields__
+            ),
             None,
         )
         if group is None:
