@@ -174,9 +174,14 @@ class Engine:
             yield
 
     def close(self) -> None:
+        """Stop after the batch in progress; requests still queued are answered 503."""
         with self._wake:
             self._closed = True
+            left = list(self._queue)
+            self._queue.clear()
             self._wake.notify()
+        for job in left:
+            job.emit(("error", "the server is shutting down", 503))
         self._thread.join(timeout=30)
 
     def _wait_for_work(self) -> None:

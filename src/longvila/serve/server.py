@@ -408,6 +408,7 @@ class LongVILAServer:
             lifespan="off",
             timeout_keep_alive=settings.timeout_keep_alive_s,
             limit_concurrency=settings.limit_concurrency,
+            timeout_graceful_shutdown=10,  # in-flight requests get this long to finish on shutdown
             log_level="info" if settings.verbose else "warning",
             access_log=settings.verbose,
         )
