@@ -331,6 +331,29 @@ def test_request_timeout_answers_504(server, client):
     assert reply.usage.completion_tokens >= 1
 
 
+def test_an_unknown_model_gets_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.body["code"] == "model_not_found" and "'tiny'" in info.value.body["message"]
+
+
+def test_a_changed_file_is_hashed_again(server, client, files, tmp_path):
+    """The hash memo is keyed by the file's identity and times: rewriting the file gives a new key."""
+    video = files["root"] / "changing.mp4"
+    rng = np.random.default_rng(9)
+    write_video(video, rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8))
+    calls = describe(server.engine)["vision_tower_calls"]
+    ask = lambda: client.chat.completions.create(
+        model="tiny", messages=video_turn(video, num_frames=2), max_tokens=2
+    )
+    ask()
+    ask()
+    assert describe(server.engine)["vision_tower_calls"] == calls + 1
+    write_video(tmp_path / "new.mp4", rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)).replace(video)
+    ask()
+    assert describe(server.engine)["vision_tower_calls"] == calls + 2
+
+
 def test_metrics_are_exposed(server, client):
     client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "count me"}], max_tokens=2

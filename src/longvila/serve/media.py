@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import torch
 
-from longvila.serve.cache import EmbeddingCache, content_hash
+from longvila.serve.cache import EmbeddingCache, LRUBytes, content_hash
 
 _MIME_SUFFIX = {"video/mp4": ".mp4", "video/webm": ".webm", "video/x-matroska": ".mkv", "video/avi": ".avi"}
 _HASH_BLOCK = 1 << 20
@@ -162,15 +162,28 @@ def resolve_local_path(url: str, root: Path | None, where: str) -> Path:
     return real
 
 
+# (device, inode, size, mtime, ctime) of a file -> its content hash: an unchanged hour-long video is not
+# read again on every question about it. Sized in entries (each counts 1).
+_FILE_HASHES = LRUBytes(4096)
+
+
 def _file_hash(path: Path, where: str) -> str:
-    digest = []
+    """Content hash of the file at `path` (BLAKE2b over 1 MiB blocks, then over their digests)."""
     try:
         with open(path, "rb") as file:
+            info = os.fstat(file.fileno())
+            identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+            known = _FILE_HASHES.get(identity)
+            if known is not None:
+                return known
+            digest = []
             while block := file.read(_HASH_BLOCK):
                 digest.append(content_hash(block))
     except OSError as exc:
         raise refusal(where) from exc
-    return content_hash(*digest)
+    value = content_hash(*digest)
+    _FILE_HASHES.put(identity, value, 1)
+    return value
 
 
 def _decode(kind: str, path: Path | str, where: str, sampling: dict) -> np.ndarray:

@@ -173,6 +173,14 @@ class ChatService:
 
     def prepare(self, body: Any) -> tuple[ChatRequest, Any]:
         """Parse, decode uncached media, lay out the prompt and check it fits (a worker thread)."""
+        name = body.get("model") if isinstance(body, dict) else None
+        if name is not None and name != self.settings.model_name:
+            raise RequestError(
+                f"the model {name!r} does not exist; this server serves {self.settings.model_name!r}",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
         request = parse_chat_request(body, self.settings.media, self.engine.embedding_cache)
         for item in request.media:
             if item.frames is not None:
