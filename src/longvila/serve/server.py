@@ -84,11 +84,14 @@ class _Admission:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.held = True
+        self.lock = threading.Lock()
 
     def release(self) -> None:
-        if self.held:
+        with self.lock:
+            if not self.held:
+                return
             self.held = False
-            self.engine.release()
+        self.engine.release()
 
 
 # ---- ASGI pieces -----------------------------------------------------------------------------------
@@ -253,6 +256,10 @@ class ChatService:
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(event: tuple) -> None:
+            if event[0] != "text":
+                # The engine is done with the job: free its slot even if no handler is left to see
+                # this (a stream whose client left before the response started is never iterated).
+                admission.release()
             try:
                 loop.call_soon_threadsafe(events.put_nowait, event)
             except RuntimeError:  # the event loop has closed (server shutting down)
@@ -276,6 +283,7 @@ class ChatService:
                 return ("error", f"the request took longer than {settings.timeout_request_s:g} s", 504)
 
         def finish(outcome: str) -> None:
+            job.cancel()  # a no-op for a finished job; stops one whose response ended early
             watcher.cancel()
             admission.release()
             self.engine.metrics.count_request(outcome)
@@ -300,7 +308,6 @@ class ChatService:
                     finish(event[1])
                     return JSONResponse(completion.reply("".join(pieces), event[1], event[2]))
         except BaseException:
-            job.cancel()
             finish("cancelled")
             raise
 
