@@ -1,472 +1,469 @@
-"""An OpenAI-compatible HTTP server for one LongVILA model (standard library only).
+"""An OpenAI-compatible HTTP server for one LongVILA model, on Starlette + uvicorn.
 
 Endpoints: `POST /v1/chat/completions` (streamed as server-sent events or not), `GET /v1/models`,
-`GET /health`. Message content parts: `text`, `image_url` and `video_url`, whose `url` is a file path, a
-`file://` URL or a base64 `data:` URL; `num_frames` / `fps` / `max_frames` may stand in the request body
-(for all videos) or in a part (for that video).
+`GET /health`, `GET /metrics` (Prometheus text). Message content parts: `text`, `image_url` and
+`video_url` (see `longvila.serve.media` for what a `url` may be and which local files are readable).
 
-Why the standard library: one model serves one request at a time anyway, so an async framework would
-only move the queue from a lock into an executor; `ThreadingHTTPServer` gives each connection a thread
-that waits on the model lock, generation never blocks the accept loop, and the package needs no web
-dependencies. Each request's media are decoded before it takes the lock, so decoding overlaps with
-another request's generation.
+Limits, all configurable (`ServerSettings`): `--api-key` on every `/v1` route (401); a body limit
+(413, the connection closed); a deadline for the request headers and another for the body, so
+stalled clients cannot hold the server; caps on frames, fps and max_tokens (400); at most
+`max_pending` requests in flight (429 beyond; uvicorn answers 503 past `limit_concurrency`
+connections); a client that disconnects has its generation stopped at the next token.
 
-Errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx status for
-anything wrong with the request (missing or undecodable media, a prompt longer than the context,
-malformed JSON or fields) and the server keeps serving.
+Generation runs on one engine thread that batches concurrent requests (`longvila.serve.engine`).
+Errors take OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
+import asyncio
 import json
-import os
-import tempfile
+import secrets
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
-import numpy as np
-import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from longvila.chat import (
-    ContextLengthError,
-    TextStreamer,
-    check_context,
-    load_image_array,
-    load_video_frames,
+from longvila.chat import ContextLengthError, check_context
+from longvila.serve.engine import Engine, EngineConfig, Job
+from longvila.serve.media import (
+    ChatRequest,
+    MediaPolicy,
+    RequestError,
+    layout_processor,
+    parse_chat_request,
+    prompt_ids,
 )
 
-MAX_BODY_BYTES = 512 * 1024 * 1024
-_MIME_SUFFIX = {"video/mp4": ".mp4", "video/webm": ".webm", "video/x-matroska": ".mkv", "video/avi": ".avi"}
+MiB = 1 << 20
 
 
-class RequestError(Exception):
-    """A request the server refuses; becomes an OpenAI-style error body with `status`."""
+@dataclass(kw_only=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    """0 picks a free port."""
+    model_name: str = "longvila"
+    api_key: str | None = None
+    """Required as `Authorization: Bearer KEY` on /v1 routes when set."""
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    max_body_bytes: int = 64 * MiB
+    timeout_header_s: float = 10.0
+    """A connection must complete each request's headers within this (slow-header clients are dropped)."""
+    timeout_body_s: float = 60.0
+    """The whole body must arrive within this (408 otherwise)."""
+    timeout_keep_alive_s: int = 5
+    """uvicorn's idle keep-alive timeout between requests."""
+    timeout_request_s: float | None = None
+    """Arrival to last token; a request past it is stopped (504, or an error event when streamed)."""
+    limit_concurrency: int = 1024
+    """uvicorn answers 503 past this many connections."""
+    verbose: bool = False
 
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.param = param
-        self.code = code
 
-    def body(self) -> dict[str, Any]:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        if self.status == 404:
-            kind = "not_found_error"
-        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+def _error(error: RequestError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class _Admission:
+    """The engine's `pending` slot of one request, released exactly once."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.held = True
+        self.lock = threading.Lock()
+
+    def release(self) -> None:
+        with self.lock:
+            if not self.held:
+                return
+            self.held = False
+        self.engine.release()
+
+
+# ---- ASGI pieces -----------------------------------------------------------------------------------
+class ApiKeyMiddleware:
+    """401 on /v1 routes without `Authorization: Bearer <key>` (vLLM's --api-key behaviour)."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                error = RequestError("invalid or missing API key", status=401, code="invalid_api_key")
+                await _error(error, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refused (413) as soon as it passes `limit` bytes, or (408) when it has not
+    all arrived within `timeout` seconds."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise RequestError(f"the body is larger than the server's limit of {limit} bytes", status=413)
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(
+                        f"the body is larger than the server's limit of {limit} bytes", status=413
+                    )
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise RequestError(f"the body did not arrive within {timeout:g} s", status=408) from exc
+    return b"".join(chunks)
+
+
+def guarded_protocol(header_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete within
+    `header_timeout` seconds of it opening or of its previous response (uvicorn itself only times out
+    idle keep-alive connections, and any byte received resets that timer)."""
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._header_deadline = self.loop.call_later(header_timeout, self._headers_overdue)
+
+        def _headers_overdue(self) -> None:
+            if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._header_deadline.cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._header_deadline.cancel()
+            self._header_deadline = self.loop.call_later(header_timeout, self._headers_overdue)
+
+        def connection_lost(self, exc) -> None:
+            self._header_deadline.cancel()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+# ---- the app ---------------------------------------------------------------------------------------
+class ChatService:
+    """The route handlers, over one `Engine`."""
+
+    def __init__(self, engine: Engine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.layout = layout_processor(engine.processor)
+        self.created = int(time.time())
+
+    def prepare(self, body: Any) -> tuple[ChatRequest, Any]:
+        """Parse, decode uncached media, lay out the prompt and check it fits (a worker thread)."""
+        name = body.get("model") if isinstance(body, dict) else None
+        if name is not None and name != self.settings.model_name:
+            raise RequestError(
+                f"the model {name!r} does not exist; this server serves {self.settings.model_name!r}",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+        request = parse_chat_request(body, self.settings.media, self.engine.embedding_cache)
+        for item in request.media:
+            if item.frames is not None:
+                item.pixels = self.engine.processor.preprocess_frames(item.frames)
+                item.frames = None
+        ids = prompt_ids(self.layout, request)
+        try:
+            check_context(self.engine.model, ids.shape[0], request.max_tokens)
+        except ContextLengthError as exc:
+            raise RequestError(str(exc), param="messages", code="context_length_exceeded") from exc
+        return request, ids
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def models(self, request: Request) -> Response:
+        entry = {
+            "id": self.settings.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "longvila",
+        }
+        return JSONResponse({"object": "list", "data": [entry]})
+
+    async def metrics(self, request: Request) -> Response:
+        engine = self.engine
+        text = engine.metrics.render(
+            waiting=engine.waiting,
+            running=engine.running,
+            pending=engine.pending,
+            caches={"embedding": engine.embedding_cache, "prefix": engine.prefix_cache},
+        )
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    async def chat(self, request: Request) -> Response:
+        arrival = time.perf_counter()
+        if not self.engine.try_admit():
+            self.engine.metrics.count_request("rejected")
+            limit = self.engine.config.max_pending
+            error = RequestError(
+                f"the server is busy ({limit} requests in flight); retry later", status=429, code="queue_full"
+            )
+            return _error(error, {"Retry-After": "1"})
+        admission = _Admission(self.engine)
+        try:
+            return await self._chat(request, arrival, admission)
+        except RequestError as error:
+            admission.release()
+            self.engine.metrics.count_request(f"error_{error.status}")
+            # After a 413 the connection stays open, so uvicorn reads and drops the rest of the body:
+            # closing with unread bytes would reset the connection and lose the answer to the client.
+            return _error(error, {"Connection": "close"} if error.status == 408 else None)
+        except ClientDisconnect:
+            admission.release()  # gone while sending its body: nobody to answer
+            self.engine.metrics.count_request("cancelled")
+            return Response(status_code=499)
+        except BaseException:
+            admission.release()
+            raise
+
+    async def _chat(self, http: Request, arrival: float, admission: _Admission) -> Response:
+        settings = self.settings
+        raw = await read_body(http, settings.max_body_bytes, settings.timeout_body_s)
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(f"the body is not valid JSON ({exc})") from exc
+        request, ids = await run_in_threadpool(self.prepare, body)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(event: tuple) -> None:
+            if event[0] != "text":
+                # The engine is done with the job: free its slot even if no handler is left to see
+                # this (a stream whose client left before the response started is never iterated).
+                admission.release()
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed (server shutting down)
+                pass
+
+        job = Job(request=request, input_ids=ids, emit=emit, arrival=arrival)
+        self.engine.submit(job)
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, job))
+        completion = Completion(
+            id=f"chatcmpl-{uuid.uuid4().hex}", model=settings.model_name, prompt_tokens=int(ids.shape[0])
+        )
+        deadline = None if settings.timeout_request_s is None else arrival + settings.timeout_request_s
+
+        async def next_event() -> tuple:
+            if deadline is None:
+                return await events.get()
+            try:
+                return await asyncio.wait_for(events.get(), max(deadline - time.perf_counter(), 0))
+            except TimeoutError:
+                job.cancel()
+                return ("error", f"the request took longer than {settings.timeout_request_s:g} s", 504)
+
+        def finish(outcome: str) -> None:
+            job.cancel()  # a no-op for a finished job; stops one whose response ended early
+            watcher.cancel()
+            admission.release()
+            self.engine.metrics.count_request(outcome)
+
+        if request.stream:
+            return StreamingResponse(
+                self._stream(request, completion, next_event, finish),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        pieces: list[str] = []
+        try:
+            while True:
+                event = await next_event()
+                if event[0] == "text":
+                    pieces.append(event[1])
+                elif event[0] == "error":
+                    status = event[2] if len(event) > 2 else 500
+                    finish(f"error_{status}")
+                    return _error(RequestError(event[1], status=status))
+                else:
+                    finish(event[1])
+                    return JSONResponse(completion.reply("".join(pieces), event[1], event[2]))
+        except BaseException:
+            finish("cancelled")
+            raise
+
+    async def _stream(self, request: ChatRequest, completion: Completion, next_event, finish):
+        outcome = "cancelled"
+        try:
+            yield completion.sse({"role": "assistant", "content": ""})
+            while True:
+                event = await next_event()
+                if event[0] == "text":
+                    yield completion.sse({"content": event[1]})
+                    continue
+                if event[0] == "error":
+                    outcome = f"error_{event[2] if len(event) > 2 else 500}"
+                    error = RequestError(event[1], status=event[2] if len(event) > 2 else 500)
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                else:
+                    outcome = event[1]
+                    yield completion.sse({}, event[1])
+                    if request.include_usage:
+                        yield completion.sse(None, usage=completion.usage(event[2]))
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            finish(outcome)
+
+
+async def _cancel_on_disconnect(http: Request, job: Job) -> None:
+    """Wait for the client's `http.disconnect` and stop the job (a no-op once it has finished)."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            return
 
 
 @dataclass
-class ChatRequest:
-    messages: list[dict[str, Any]]
-    """Processor messages, media already decoded to uint8 arrays."""
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stream: bool
-    include_usage: bool = False
-    seed: int | None = None
-    longest_video: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
+class Completion:
+    """Builds the OpenAI response bodies of one chat completion."""
+
+    id: str
+    model: str
+    prompt_tokens: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        total = self.prompt_tokens + completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": total,
+        }
+
+    def reply(self, text: str, finish: str, completion_tokens: int) -> dict[str, Any]:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self.usage(completion_tokens),
+        }
+
+    def sse(self, delta: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if usage is not None:
+            chunk["usage"] = usage
+        return f"data: {json.dumps(chunk)}\n\n"
 
 
-# ---- request parsing -------------------------------------------------------------------------------
-def _number(body: dict, name: str, default, kind, low=None, high=None):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or (kind is int and not isinstance(value, int))
-    ):
-        raise RequestError(f"'{name}' must be {'an integer' if kind is int else 'a number'}", param=name)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise RequestError(f"'{name}' must be within [{low}, {high}], got {value}", param=name)
-    return kind(value)
+def create_app(engine: Engine, settings: ServerSettings):
+    """The ASGI app: routes, OpenAI-shaped errors, and the API-key check when a key is set."""
+    service = ChatService(engine, settings)
 
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        message = f"no route {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return _error(RequestError(message, status=exc.status_code))
 
-def _sampling(source: dict) -> dict[str, Any]:
-    """num_frames / fps / max_frames given in `source` (the body, a part, or a part's video_url)."""
-    out = {}
-    for name, kind in (("num_frames", int), ("fps", float), ("max_frames", int)):
-        if source.get(name) is not None:
-            out[name] = _number(source, name, None, kind, low=1 if kind is int else 1e-6)
-    return out
-
-
-def _media_url(part: dict, kind: str, where: str) -> tuple[str, dict]:
-    """The url of an image_url / video_url part (a string or {"url": ...}) and the dict holding it."""
-    value = part.get(kind)
-    if isinstance(value, str):
-        return value, {}
-    if isinstance(value, dict) and isinstance(value.get("url"), str):
-        return value["url"], value
-    raise RequestError(f"{where}: a {kind} part needs '{kind}': {{'url': ...}}", param=where)
-
-
-def _materialise(url: str, where: str, tmp: list[str], kind: str) -> str:
-    """A local path for a path, file:// URL or base64 data URL (written to a temporary file)."""
-    if url.startswith("data:"):
-        header, _, payload = url.partition(",")
-        if ";base64" not in header:
-            raise RequestError(f"{where}: only base64 data URLs are supported", param=where)
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise RequestError(f"{where}: the data URL is not valid base64", param=where) from exc
-        mime = header[5:].split(";")[0]
-        suffix = _MIME_SUFFIX.get(mime, ".png" if kind == "image" else ".mp4")
-        handle, path = tempfile.mkstemp(prefix="longvila-", suffix=suffix)
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        tmp.append(path)
-        return path
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return unquote(parsed.path)
-    if parsed.scheme in ("http", "https"):
-        raise RequestError(
-            f"{where}: remote URLs are not fetched; pass a local path or a data URL", param=where
-        )
-    return url
-
-
-def _load_media(kind: str, path: str, where: str, sampling: dict) -> np.ndarray:
-    try:
-        if kind == "image":
-            return load_image_array(path)
-        return load_video_frames(
-            path, sampling.get("num_frames"), sampling.get("fps"), sampling.get("max_frames")
-        )
-    except FileNotFoundError as exc:
-        raise RequestError(f"{where}: {exc}", param=where, code="file_not_found") from exc
-    except ValueError as exc:
-        raise RequestError(f"{where}: {exc}", param=where, code="invalid_media") from exc
-
-
-def _convert_message(index: int, message: Any, defaults: dict, tmp: list[str]) -> tuple[dict, int]:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise RequestError(f"{where} must be an object", param=where)
-    role = message.get("role")
-    if role == "developer":
-        role = "system"
-    if role not in ("system", "user", "assistant"):
-        raise RequestError(
-            f"{where}.role must be system, user or assistant, got {role!r}", param=f"{where}.role"
-        )
-    content = message.get("content")
-    if isinstance(content, str):
-        return {"role": role, "content": [{"type": "text", "text": content}]}, 0
-    if not isinstance(content, list):
-        raise RequestError(f"{where}.content must be a string or a list of parts", param=f"{where}.content")
-    parts, longest = [], 0
-    for j, part in enumerate(content):
-        pwhere = f"{where}.content[{j}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            if not isinstance(part.get("text"), str):
-                raise RequestError(f"{pwhere}.text must be a string", param=pwhere)
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind in ("image_url", "video_url"):
-            if role == "assistant":
-                raise RequestError(f"{pwhere}: media may only stand in user or system turns", param=pwhere)
-            media = kind.split("_")[0]
-            url, holder = _media_url(part, kind, pwhere)
-            own = {**_sampling(part), **_sampling(holder)}
-            sampling = {**defaults, **own}
-            if "num_frames" in own and "fps" not in own:
-                sampling.pop("fps", None)  # the part's frame count overrides the body's rate
-            frames = _load_media(media, _materialise(url, pwhere, tmp, media), pwhere, sampling)
-            if media == "video":
-                longest = max(longest, frames.shape[0])
-            parts.append({"type": media, media: frames})
-        else:
-            raise RequestError(f"{pwhere}: unknown content part type {kind!r}", param=pwhere)
-    if role == "system" and any(p["type"] != "text" for p in parts):
-        raise RequestError(f"{where}: a system message holds text only", param=where)
-    return {"role": role, "content": parts}, longest
-
-
-def parse_chat_request(
-    body: Any, *, default_max_tokens: int, default_temperature: float, default_num_frames: int
-) -> ChatRequest:
-    """Validate an OpenAI chat-completions body and decode its media (RequestError on any problem)."""
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list", param="messages")
-    if _number(body, "n", 1, int, low=1) != 1:
-        raise RequestError("only n=1 is supported", param="n")
-    if body.get("stop"):
-        raise RequestError("'stop' sequences are not supported", param="stop")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, int, low=1)
-    temperature = _number(body, "temperature", default_temperature, float, low=0.0, high=2.0)
-    top_p = _number(body, "top_p", 1.0, float, low=1e-6, high=1.0)
-    seed = _number(body, "seed", None, int)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be a boolean", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise RequestError("'stream_options' must be an object", param="stream_options")
-    defaults = {"num_frames": default_num_frames, **_sampling(body)}
-    tmp: list[str] = []
-    try:
-        converted, longest = [], 0
-        for index, message in enumerate(messages):
-            message, frames = _convert_message(index, message, defaults, tmp)
-            converted.append(message)
-            longest = max(longest, frames)
-    finally:
-        for path in tmp:
-            Path(path).unlink(missing_ok=True)
-    if converted[-1]["role"] != "user":
-        raise RequestError("the last message must be the user's", param="messages")
-    return ChatRequest(
-        messages=converted,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        stream=stream,
-        include_usage=bool(options.get("include_usage")),
-        seed=seed,
-        longest_video=longest,
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", service.chat, methods=["POST"]),
+            Route("/v1/models", service.models, methods=["GET"]),
+            Route("/health", service.health, methods=["GET"]),
+            Route("/metrics", service.metrics, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error},
     )
+    app.state.service = service
+    return ApiKeyMiddleware(app, settings.api_key) if settings.api_key else app
 
 
-# ---- the model worker ------------------------------------------------------------------------------
-class ModelWorker:
-    """One model, one request at a time: prompts are built outside the lock, generation inside it."""
+# ---- the server ------------------------------------------------------------------------------------
+class LongVILAServer:
+    """uvicorn serving `create_app` on a socket bound at construction (so `url` is known at once)."""
 
-    def __init__(
-        self,
-        model,
-        processor,
-        *,
-        model_name: str,
-        max_tokens: int = 512,
-        temperature: float = 0.0,
-        num_frames: int | None = None,
-    ):
-        self.model = model
-        self.num_frames = num_frames or processor.num_frames
-        self.processor = processor
-        self.model_name = model_name
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.lock = threading.Lock()
-        self.created = int(time.time())
-
-    def prompt(self, request: ChatRequest) -> dict[str, torch.Tensor]:
-        try:
-            # Frames were sampled while decoding; the limit only keeps the processor from resampling.
-            limit = max(request.longest_video, 1)
-            sample = self.processor(request.messages, num_frames=limit, max_frames=limit)
-        except (TypeError, ValueError) as exc:
-            raise RequestError(str(exc), param="messages") from exc
-        try:
-            check_context(self.model, sample["input_ids"].shape[0], request.max_tokens)
-        except ContextLengthError as exc:
-            raise RequestError(str(exc), param="messages", code="context_length_exceeded") from exc
-        return self.processor.collate([sample])
-
-    def generate(
-        self, request: ChatRequest, batch: dict[str, torch.Tensor], on_text=None
-    ) -> tuple[str, int, str]:
-        """(answer, completion tokens, finish reason); `on_text` receives pieces as they decode."""
-        generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
-        streamer = TextStreamer(self.processor, on_text or (lambda piece: None))
-        with self.lock:
-            new_ids = self.model.generate(
-                **batch,
-                max_new_tokens=request.max_tokens,
-                do_sample=request.temperature > 0,
-                temperature=request.temperature if request.temperature > 0 else 1.0,
-                top_p=request.top_p,
-                generator=generator,
-                streamer=streamer,
-            )
-        ids = new_ids[0].tolist()
-        stops = {self.processor.im_end_id, self.processor.pad_token_id}
-        used = next((i for i, token in enumerate(ids) if token in stops), None)
-        finish = "stop" if used is not None else "length"
-        return self.processor.decode(ids), len(ids) if used is None else used + 1, finish
-
-
-# ---- HTTP ------------------------------------------------------------------------------------------
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: LongVILAServer
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
-        if self.server.verbose:
-            super().log_message(format, *args)
-
-    # -- plumbing
-    def _send_json(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _send_error(self, error: RequestError) -> None:
-        self._send_json(error.status, error.body())
-
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def _read_json(self) -> Any:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
-            raise RequestError("a Content-Length header is required", status=411)
-        if int(length) > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise RequestError(f"the body is larger than {MAX_BODY_BYTES} bytes", status=413)
-        raw = self.rfile.read(int(length))
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(f"the body is not valid JSON ({exc})") from exc
-
-    # -- routes
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        worker = self.server.worker
-        if self.path == "/health":
-            self._send_json(200, {"status": "ok"})
-        elif self.path == "/v1/models":
-            entry = {
-                "id": worker.model_name,
-                "object": "model",
-                "created": worker.created,
-                "owned_by": "longvila",
-            }
-            self._send_json(200, {"object": "list", "data": [entry]})
-        elif self.path == "/v1/chat/completions":
-            self._send_error(RequestError("use POST for /v1/chat/completions", status=405))
-        else:
-            self._send_error(RequestError(f"no route {self.path}", status=404))
-
-    def do_POST(self) -> None:  # noqa: N802
-        if self.path != "/v1/chat/completions":
-            self._send_error(RequestError(f"no route {self.path}", status=404))
-            return
-        worker = self.server.worker
-        try:
-            body = self._read_json()
-            request = parse_chat_request(
-                body,
-                default_max_tokens=worker.max_tokens,
-                default_temperature=worker.temperature,
-                default_num_frames=worker.num_frames,
-            )
-            batch = worker.prompt(request)
-        except RequestError as error:
-            self._send_error(error)
-            return
-        prompt_tokens = int(batch["input_ids"].shape[1])
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if request.stream:
-            self._stream(request, batch, completion_id, prompt_tokens)
-            return
-        try:
-            text, used, finish = worker.generate(request, batch)
-        except Exception as exc:  # noqa: BLE001 - report and keep serving
-            self._send_error(RequestError(f"generation failed: {exc}", status=500))
-            return
-        self._send_json(
-            200,
-            {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": worker.model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": finish,
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": used,
-                    "total_tokens": prompt_tokens + used,
-                },
-            },
+    def __init__(self, engine: Engine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((settings.host, settings.port))
+        config = uvicorn.Config(
+            create_app(engine, settings),
+            http=guarded_protocol(settings.timeout_header_s),
+            lifespan="off",
+            timeout_keep_alive=settings.timeout_keep_alive_s,
+            limit_concurrency=settings.limit_concurrency,
+            timeout_graceful_shutdown=10,  # in-flight requests get this long to finish on shutdown
+            log_level="info" if settings.verbose else "warning",
+            access_log=settings.verbose,
         )
-
-    def _stream(self, request: ChatRequest, batch, completion_id: str, prompt_tokens: int) -> None:
-        worker = self.server.worker
-        created = int(time.time())
-
-        def event(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> None:
-            chunk: dict[str, Any] = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": worker.model_name,
-                "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            if usage is not None:
-                chunk["usage"] = usage
-            self._chunk(f"data: {json.dumps(chunk)}\n\n".encode())
-
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        try:
-            event({"role": "assistant", "content": ""})
-            _, used, finish = worker.generate(request, batch, on_text=lambda piece: event({"content": piece}))
-            event({}, finish)
-            if request.include_usage:
-                total = prompt_tokens + used
-                event(
-                    None,
-                    usage={"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": total},
-                )
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True  # the client went away; generation stopped at its next token
-            return
-        except Exception as exc:  # noqa: BLE001 - the status is sent already: report in the stream
-            error = RequestError(f"generation failed: {exc}", status=500).body()
-            self._chunk(f"data: {json.dumps(error)}\n\n".encode())
-        self._chunk(b"data: [DONE]\n\n")
-        self._chunk(b"")
-
-
-class LongVILAServer(ThreadingHTTPServer):
-    """`ThreadingHTTPServer` holding the `ModelWorker`; `port=0` picks a free port."""
-
-    daemon_threads = True
-
-    def __init__(
-        self, worker: ModelWorker, host: str = "127.0.0.1", port: int = 8000, *, verbose: bool = False
-    ):
-        self.worker = worker
-        self.verbose = verbose
-        super().__init__((host, port), _Handler)
+        self.uvicorn = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
+        host, port = self.socket.getsockname()[:2]
+        return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+
+    def serve_forever(self) -> None:
+        """Serve until `shutdown()` (or Ctrl-C when run on the main thread)."""
+        self.uvicorn.run(sockets=[self.socket])
+
+    def start(self) -> LongVILAServer:
+        """Serve on a background thread; returns once the server accepts connections."""
+        self._thread = threading.Thread(target=self.serve_forever, name="longvila-http", daemon=True)
+        self._thread.start()
+        while not self.uvicorn.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the HTTP server stopped while starting")
+            time.sleep(0.01)
+        return self
+
+    def shutdown(self) -> None:
+        self.uvicorn.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.server_close()
+
+    def server_close(self) -> None:
+        self.engine.close()
+        self.socket.close()
+
+    def __enter__(self) -> LongVILAServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
 
 def create_server(
@@ -479,18 +476,42 @@ def create_server(
     max_tokens: int = 512,
     temperature: float = 0.0,
     num_frames: int | None = None,
+    api_key: str | None = None,
+    allowed_local_media_path: str | Path | None = None,
     verbose: bool = False,
+    **limits: Any,
 ) -> LongVILAServer:
-    """A server bound to (host, port), not yet serving: call `serve_forever()` (and `shutdown()`).
-
-    `max_tokens`, `temperature` and `num_frames` are the defaults for requests that leave them out.
-    """
-    worker = ModelWorker(
-        model,
-        processor,
-        model_name=model_name,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        num_frames=num_frames,
+    """A server bound to (host, port), not yet serving: `start()` it (or `serve_forever()`), then
+    `shutdown()`. `max_tokens`, `temperature`, `num_frames` are the defaults for requests that leave
+    them out; `limits` sets other `ServerSettings`, `MediaPolicy` or `EngineConfig` fields by name."""
+    groups = {"settings": {}, "media": {}, "engine": {}}
+    for name, value in limits.items():
+        group = next(
+            (
+                g
+                for g, cls in (("settings", ServerSettings), ("media", MediaPolicy), ("engine", EngineConfig))
+                if name in cls.__dataclass_fields__
+            ),
+            None,
+        )
+        if group is None:
+            raise TypeError(f"create_server() got an unknown limit {name!r}")
+        groups[group][name] = value
+    policy = MediaPolicy(
+        allowed_local_media_path=allowed_local_media_path,
+        default_num_frames=num_frames or processor.num_frames,
+        default_max_tokens=max_tokens,
+        default_temperature=temperature,
+        **groups["media"],
     )
-    return LongVILAServer(worker, host, port, verbose=verbose)
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        model_name=model_name,
+        api_key=api_key,
+        media=policy,
+        engine=EngineConfig(**groups["engine"]),
+        verbose=verbose,
+        **groups["settings"],
+    )
+    return LongVILAServer(Engine(model, processor, settings.engine), settings)
