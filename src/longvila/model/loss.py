@@ -53,8 +53,8 @@ def _chunked_loss_and_grads(hidden_ND, weight_VD, bias_V, targets_N, chunk_size,
             if needs_weight:
                 if compute == acc:
                     grad_weight.addmm_(grad_logits_c.T, h)
-                else:  # a bf16 product, summed over chunks in float32
-                    grad_weight += (grad_logits_c.T @ h).to(acc)
+                else:  # a bf16 product (no float32 copy of it), summed over chunks in float32
+                    grad_weight.add_(grad_logits_c.T @ h)
             if needs_bias:
                 grad_bias += grad_logits.sum(0)
         del exp, logits
