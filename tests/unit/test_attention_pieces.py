@@ -228,3 +228,30 @@ def test_bad_bounds_and_dtypes_are_rejected():
         local_attention(q, k, v, scale=1.0, boundaries=(0, 6, 4, 10))
     with pytest.raises(ValueError, match="share one dtype"):
         kernels.block_attention_forward(q, k.float(), v, scale=1.0)
+
+
+def test_sp_decode_attention_is_exact_and_never_copies_the_cache_per_query_head():
+    """One new token against a cache with some invalid keys: exact in float64, and no op makes a
+    tensor as large as the cache repeated to every query head (the old path did, in float32)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from longvila.parallel import SequenceParallel
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    q, k, v = _qkv(64, nq=8, nk=2)
+    q = q[:, :, -1:]
+    valid = torch.rand(2, 64, generator=torch.Generator().manual_seed(3)) > 0.3
+    with Largest():
+        out = SequenceParallel.single().decode_attention(q, k, v, valid, scale=0.3)
+    assert Largest.largest < q.shape[0] * q.shape[1] * k.shape[2] * k.shape[3]  # B * Nq * Sk * H
+    expected = _masked_sdpa(q, k, v, valid[:, None, None, :], 0.3).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
