@@ -1,13 +1,17 @@
-"""The ring's compute on one device against SDPA flash on the same total work.
+"""The attention path the model takes, against SDPA on the same work, forward + backward, causal.
 
-For each sequence length T this times, forward + backward, causal:
-  sdpa   `F.scaled_dot_product_attention(is_causal=True)` on the whole sequence (the baseline);
-  block  the block kernel (longvila.parallel.attention) on the whole sequence as one causal block,
-         backward with its own out/LSE (the cost of the LSE interface alone);
-  ring   the zigzag ring of `--ring` ranks simulated on this device with no communication: every
-         rank's blocks, LSE merges and block backwards with the merged out/LSE, i.e. exactly the
-         compute the ring does, summed over the ranks (the same FLOPs as `sdpa`).
-and prints the ratios to sdpa plus the ring's largest output difference from sdpa.
+For each sequence length T (a single sample, and a packed row of `--samples` equal samples) this times:
+  sdpa         `F.scaled_dot_product_attention(is_causal=True)` on the whole sequence (the baseline);
+  local        the model's one-process path for one sample: `local_attention` (one fused causal call,
+               out/LSE kept for the backward);
+  packed_sdpa  SDPA causal on each packed sample separately (the baseline for packed rows: the least
+               work a varlen kernel could do);
+  packed       the model's one-process path for a packed row: `local_attention` with the samples'
+               bounds (one fused call per sample, no mask);
+  ring         the zigzag ring of `--ring` ranks on the packed row, simulated on this device without
+               communication: every rank's mask-free pieces, LSE merges and piece backwards with the
+               merged out/LSE, i.e. exactly the compute sequence parallelism does, summed over the ranks;
+and prints the ratios to their baselines plus the ring's largest output difference from packed_sdpa.
 
   python benchmarks/attention.py                                   # GPU, 8K-128K tokens, bf16
   python benchmarks/attention.py --device cpu --tokens 256         # tiny CPU check (float32)
@@ -22,7 +26,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from longvila.parallel.attention import block_attention_backward, block_attention_forward, merge_partial
+from longvila.kernels.attention import (
+    accumulation_dtype,
+    attend_pieces,
+    attend_pieces_backward,
+    local_attention,
+)
+from longvila.parallel.mesh import ring_pair_indices
 from longvila.parallel.ring import RingPlan
 
 # Shapes: B batch (1), N heads, T tokens, H head dim; kernel tensors (B, N, T, H).
@@ -43,27 +53,38 @@ def _timed(fn, device: torch.device, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def _leaves(*xs):
+    return [x.detach().requires_grad_() for x in xs]
+
+
 def run_sdpa(q, k, v, dout):
-    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    q, k, v = _leaves(q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     out.backward(dout)
     return out.detach()
 
 
-def run_block(q, k, v, dout):
-    scale = q.shape[-1] ** -0.5
-    out, lse, aux = block_attention_forward(q, k, v, scale=scale, causal=True)
-    block_attention_backward(dout, q, k, v, out, lse, aux, scale=scale, causal=True)
-    return out
+def run_packed_sdpa(q, k, v, dout, bounds):
+    """SDPA on each sample on its own: (B, N, T, H) output of the packed row."""
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        outs.append(run_sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], dout[:, :, a:b]))
+    return torch.cat(outs, dim=2)
 
 
-def run_simulated_ring(q, k, v, dout, ring_degree: int):
-    """Every ring rank's zigzag blocks, merges and block backwards, on one device, no communication."""
+def run_local(q, k, v, dout, bounds=None):
+    q, k, v = _leaves(q, k, v)
+    out = local_attention(q, k, v, scale=q.shape[-1] ** -0.5, boundaries=bounds)
+    out.backward(dout)
+    return out.detach()
+
+
+def run_simulated_ring(q, k, v, dout, ring_degree: int, bounds=None):
+    """Every ring rank's pieces, merges and piece backwards, on one device, no communication."""
     total_len = q.shape[2]
     scale = q.shape[-1] ** -0.5
-    full_out = torch.empty(
-        q.shape, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device
-    )
+    acc = accumulation_dtype(q.dtype)
+    full_out = torch.empty(q.shape, dtype=acc, device=q.device)
     for ring_rank in range(ring_degree):
         plan = RingPlan(
             group=None,
@@ -72,63 +93,62 @@ def run_simulated_ring(q, k, v, dout, ring_degree: int):
             causal=True,
             scale=scale,
             total_len=total_len,
-            segment_ids=None,
+            boundaries=bounds,
         )
-        pair = plan.positions(ring_rank, q.device)
+        pair = _pair_positions(plan, ring_rank, q.device)
         q_r, dout_r = q[:, :, pair], dout[:, :, pair]
-        out = torch.zeros(q_r.shape, dtype=full_out.dtype, device=q.device)
-        lse = torch.full(q_r.shape[:-1], float("-inf"), dtype=full_out.dtype, device=q.device)
+        out = torch.zeros(q_r.shape, dtype=acc, device=q.device)
+        lse = torch.full(q_r.shape[:-1], float("-inf"), dtype=acc, device=q.device)
         steps = []
         for step in range(ring_degree):
-            src = (ring_rank - step) % ring_degree
-            kv_pos = plan.positions(src, q.device)
+            kv_pos = _pair_positions(plan, (ring_rank - step) % ring_degree, q.device)
             k_s, v_s = k[:, :, kv_pos], v[:, :, kv_pos]
-            for qs, ks, causal, mask in plan.blocks(step, q.device):
-                o_b, l_b, aux = block_attention_forward(
-                    q_r[:, :, qs], k_s[:, :, ks], v_s[:, :, ks], scale=scale, causal=causal, mask=mask
-                )
-                out[:, :, qs], lse[:, :, qs] = merge_partial(out[:, :, qs], lse[:, :, qs], o_b, l_b)
-                steps.append((qs, ks, causal, mask, k_s, v_s, aux))
+            steps.append((k_s, v_s, attend_pieces(q_r, k_s, v_s, plan.pieces(step), scale, out, lse)))
         out_cast = out.to(q.dtype)
-        for qs, ks, causal, mask, k_s, v_s, aux in steps:
-            block_attention_backward(
-                dout_r[:, :, qs],
-                q_r[:, :, qs],
-                k_s[:, :, ks],
-                v_s[:, :, ks],
-                out_cast[:, :, qs],
-                lse[:, :, qs],
-                aux,
-                scale=scale,
-                causal=causal,
-                mask=mask,
+        dq = torch.zeros(q_r.shape, dtype=acc, device=q.device)
+        for step, (k_s, v_s, aux) in enumerate(steps):
+            dk, dv = (torch.zeros(k_s.shape, dtype=acc, device=q.device) for _ in range(2))
+            attend_pieces_backward(
+                dout_r, q_r, k_s, v_s, out_cast, lse, plan.pieces(step), aux, scale, dq, dk, dv
             )
         full_out[:, :, pair] = out
     return full_out
 
 
+def _pair_positions(plan: RingPlan, ring_rank: int, device) -> torch.Tensor:
+    return ring_pair_indices(plan.total_len, plan.ring_degree, ring_rank).to(device)
+
+
 def measure(tokens: int, args, device: torch.device, dtype: torch.dtype, g: torch.Generator) -> dict:
-    """Time sdpa, the block kernel and the simulated ring at one length; one result row."""
+    """Time every path at one length; one result row."""
     q = torch.randn(1, args.heads, tokens, args.head_dim, device=device, dtype=dtype, generator=g)
     k, v = (
         torch.randn(1, args.kv_heads, tokens, args.head_dim, device=device, dtype=dtype, generator=g)
         for _ in range(2)
     )
     dout = torch.randn_like(q)
+    length = tokens // args.samples
+    bounds = tuple(range(0, tokens + 1, length))
     sdpa_s = _timed(lambda: run_sdpa(q, k, v, dout), device, args.repeats)
-    block_s = _timed(lambda: run_block(q, k, v, dout), device, args.repeats)
-    ring_s = _timed(lambda: run_simulated_ring(q, k, v, dout, args.ring), device, args.repeats)
-    err = (run_simulated_ring(q, k, v, dout, args.ring) - run_sdpa(q, k, v, dout).float()).abs().max().item()
-    row = {
+    local_s = _timed(lambda: run_local(q, k, v, dout), device, args.repeats)
+    packed_sdpa_s = _timed(lambda: run_packed_sdpa(q, k, v, dout, bounds), device, args.repeats)
+    packed_s = _timed(lambda: run_local(q, k, v, dout, bounds), device, args.repeats)
+    ring_s = _timed(lambda: run_simulated_ring(q, k, v, dout, args.ring, bounds), device, args.repeats)
+    reference = run_packed_sdpa(q, k, v, dout, bounds).float()
+    err = (run_simulated_ring(q, k, v, dout, args.ring, bounds).float() - reference).abs().max().item()
+    return {
         "tokens": tokens,
+        "samples": args.samples,
         "sdpa_ms": sdpa_s * 1e3,
-        "block_ms": block_s * 1e3,
+        "local_ms": local_s * 1e3,
+        "packed_sdpa_ms": packed_sdpa_s * 1e3,
+        "packed_ms": packed_s * 1e3,
         "ring_ms": ring_s * 1e3,
-        "block_ratio": block_s / sdpa_s,
-        "ring_ratio": ring_s / sdpa_s,
+        "local_ratio": local_s / sdpa_s,
+        "packed_ratio": packed_s / packed_sdpa_s,
+        "ring_ratio": ring_s / packed_sdpa_s,
         "ring_max_err": err,
     }
-    return row
 
 
 def main(argv=None) -> list[dict]:
@@ -141,6 +161,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--ring", type=int, default=4, help="ring degree to simulate")
+    parser.add_argument("--samples", type=int, default=4, help="samples per packed row")
     parser.add_argument("--dtype", default=None, help="bfloat16 on CUDA, float32 on CPU by default")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the rows to this file")
@@ -151,22 +172,25 @@ def main(argv=None) -> list[dict]:
     print(
         f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
         f"torch {torch.__version__}, {dtype}, heads {args.heads}/{args.kv_heads}, head dim {args.head_dim}, "
-        f"ring {args.ring}, causal, forward + backward"
+        f"ring {args.ring}, packed rows of {args.samples} samples, causal, forward + backward"
     )
     print(
-        f"{'tokens':>8} {'sdpa ms':>9} {'block ms':>9} {'ring ms':>9} {'block/sdpa':>11} {'ring/sdpa':>10} "
-        f"{'ring max err':>13}"
+        f"{'tokens':>8} {'sdpa ms':>9} {'local ms':>9} {'local/sdpa':>11} {'packed sdpa':>12} {'packed ms':>10} "
+        f"{'packed/sdpa':>12} {'ring ms':>9} {'ring/sdpa':>10} {'ring max err':>13}"
     )
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
     for tokens in args.tokens:
-        if tokens % (2 * args.ring):
-            raise ValueError(f"--tokens {tokens} is not divisible by 2 x ring = {2 * args.ring}")
+        if tokens % (2 * args.ring) or tokens % args.samples:
+            raise ValueError(
+                f"--tokens {tokens} is not divisible by 2 x ring = {2 * args.ring} and by --samples {args.samples}"
+            )
         row = measure(tokens, args, device, dtype, g)
         rows.append(row)
         print(
-            f"{tokens:>8} {row['sdpa_ms']:>9.2f} {row['block_ms']:>9.2f} {row['ring_ms']:>9.2f} "
-            f"{row['block_ratio']:>11.2f} {row['ring_ratio']:>10.2f} {row['ring_max_err']:>13.2e}"
+            f"{tokens:>8} {row['sdpa_ms']:>9.2f} {row['local_ms']:>9.2f} {row['local_ratio']:>11.2f} "
+            f"{row['packed_sdpa_ms']:>12.2f} {row['packed_ms']:>10.2f} {row['packed_ratio']:>12.2f} "
+            f"{row['ring_ms']:>9.2f} {row['ring_ratio']:>10.2f} {row['ring_max_err']:>13.2e}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -62,3 +62,22 @@ def test_peak_memory_at_8k_tokens_and_qwen2_vocabulary_is_5x_below_naive():
     result = json.loads(out.stdout)
     assert result["naive"]["loss"] == pytest.approx(result["chunked"]["loss"], rel=1e-5)
     assert result["memory_ratio"] >= 5, result
+
+
+def test_under_bf16_autocast_the_loss_runs_and_tracks_float32():
+    """Autocast used to crash here (index_copy_ of a bf16 product into a float32 gradient)."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(40, 16, generator=g, requires_grad=True)
+    w = torch.randn(30, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 30, (40,), generator=g)
+    t[::4] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = chunked_cross_entropy_sum(h, w, t, chunk_size=7)
+    assert ours.dtype == torch.float32
+    grads = torch.autograd.grad(ours, [h, w])
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum", ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, [h, w])
+    assert abs(ours.item() - ref.item()) <= 2e-2 * abs(ref.item())  # bf16 logits: 8 significant bits
+    for a, r in zip(grads, ref_grads):
+        assert a.dtype == r.dtype == torch.float32
+        assert (a - r).norm() <= 3e-2 * r.norm()

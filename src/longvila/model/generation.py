@@ -269,8 +269,8 @@ def _sp_prefill(model, embeds, length: int, sp, cache=None):
     total = embeds.shape[1]
     index = sp.local_positions(total, device=device)
     positions = torch.arange(total, device=device)[None]
-    cu = torch.tensor([0, length, total] if total > length else [0, length], dtype=torch.int32, device=device)
-    ctx = AttentionContext(sp=sp, cu_seqlens=cu)
+    # Host bounds: the padding tail is its own segment; one unpadded prompt takes the plain causal path.
+    ctx = AttentionContext(sp=sp, cu_seqlens=(0, length, total) if total > length else None)
     out = model._decoder(embeds.index_select(1, index), positions.index_select(1, index), ctx, cache=cache)
     return out.last_hidden_state, index, ctx
 

@@ -15,50 +15,69 @@ import torch
 IGNORE_INDEX = -100
 
 
+def _chunked_loss_and_grads(hidden_ND, weight_VD, bias_V, targets_N, chunk_size, compute, needs):
+    """Loss sum and (grad_hidden, grad_weight, grad_bias), chunk by chunk; matmuls in `compute`."""
+    needs_hidden, needs_weight, needs_bias = needs
+    # Accumulate in float32, or float64 when the inputs are float64 (exactness tests).
+    acc = torch.promote_types(torch.promote_types(hidden_ND.dtype, compute), torch.float32)
+    weight_c = weight_VD.to(compute)  # one cast for all chunks (a no-op without autocast)
+    total = hidden_ND.new_zeros((), dtype=acc)
+    grad_hidden = torch.zeros_like(hidden_ND) if needs_hidden else None
+    grad_weight = torch.zeros_like(weight_VD, dtype=acc) if needs_weight else None
+    grad_bias = torch.zeros_like(bias_V, dtype=acc) if needs_bias else None
+    for start in range(0, hidden_ND.shape[0], chunk_size):
+        t = targets_N[start : start + chunk_size]
+        valid = t != IGNORE_INDEX
+        if not bool(valid.any()):
+            continue
+        # Only supervised rows make logits: prompts and video tokens (most of a long sample) cost nothing.
+        h = hidden_ND[start : start + chunk_size][valid].to(compute)
+        t = t[valid]
+        logits = (h @ weight_c.T).to(acc)
+        if bias_V is not None:
+            logits += bias_V.to(acc)
+        # In place over the one (rows, V) buffer: logits -> exp(logits - max) -> softmax.
+        target_logit = logits.gather(1, t[:, None]).squeeze(1)
+        row_max = logits.amax(dim=-1, keepdim=True)
+        exp = logits.sub_(row_max).exp_()
+        sum_exp = exp.sum(dim=-1, keepdim=True)
+        total += ((row_max + sum_exp.log()).squeeze(1) - target_logit).sum()
+        if needs_hidden or needs_weight or needs_bias:
+            # d(loss)/d(logits) = softmax - onehot.
+            grad_logits = exp.div_(sum_exp)
+            grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+            grad_logits_c = grad_logits.to(compute)
+            if needs_hidden:
+                rows = torch.nonzero(valid).squeeze(1) + start
+                grad_hidden.index_copy_(0, rows, (grad_logits_c @ weight_c).to(grad_hidden.dtype))
+            if needs_weight:
+                if compute == acc:
+                    grad_weight.addmm_(grad_logits_c.T, h)
+                else:  # a bf16 product (no float32 copy of it), summed over chunks in float32
+                    grad_weight.add_(grad_logits_c.T @ h)
+            if needs_bias:
+                grad_bias += grad_logits.sum(0)
+        del exp, logits
+    return (grad_hidden, grad_weight, grad_bias), total
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, bias_V, targets_N, chunk_size):
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        # Accumulate in float32, or float64 when the inputs are float64 (exactness tests).
-        acc = torch.promote_types(hidden_ND.dtype, torch.float32)
-        total = hidden_ND.new_zeros((), dtype=acc)
-        grad_hidden = torch.zeros_like(hidden_ND) if needs_hidden else None
-        grad_weight = torch.zeros_like(weight_VD, dtype=acc) if needs_weight else None
-        grad_bias = torch.zeros_like(bias_V, dtype=acc) if needs_bias else None
-        for start in range(0, hidden_ND.shape[0], chunk_size):
-            h = hidden_ND[start : start + chunk_size]
-            t = targets_N[start : start + chunk_size]
-            valid = t != IGNORE_INDEX
-            if not bool(valid.any()):
-                continue
-            # Only supervised rows make logits: prompts and video tokens (most of a long sample) cost nothing.
-            h = h[valid]
-            t = t[valid]
-            logits = h @ weight_VD.T
-            if logits.dtype != acc:
-                logits = logits.to(acc)
-            if bias_V is not None:
-                logits += bias_V.to(acc)
-            # In place over the one (rows, V) buffer: logits -> exp(logits - max) -> softmax.
-            target_logit = logits.gather(1, t[:, None]).squeeze(1)
-            row_max = logits.amax(dim=-1, keepdim=True)
-            exp = logits.sub_(row_max).exp_()
-            sum_exp = exp.sum(dim=-1, keepdim=True)
-            lse = (row_max + sum_exp.log()).squeeze(1)
-            total += (lse - target_logit).sum()
-            if needs_hidden or needs_weight or needs_bias:
-                # d(loss)/d(logits) = softmax - onehot.
-                grad_logits = exp.div_(sum_exp)
-                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                if needs_hidden:
-                    rows = torch.nonzero(valid).squeeze(1) + start
-                    grad_hidden.index_copy_(0, rows, (grad_logits.to(weight_VD.dtype) @ weight_VD))
-                if needs_weight:
-                    grad_weight.addmm_(grad_logits.T, h.to(acc))
-                if needs_bias:
-                    grad_bias += grad_logits.sum(0)
-            del exp, logits
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # Under autocast the matmuls run in the autocast dtype (bf16) and everything is accumulated in
+        # float32; without it they run in the inputs' dtype (float64 tests stay exact). Autocast is
+        # switched off inside so that the in-place accumulations see the dtypes chosen here.
+        device_type = hidden_ND.device.type
+        compute = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else torch.promote_types(hidden_ND.dtype, weight_VD.dtype)
+        )
+        with torch.autocast(device_type, enabled=False):
+            grads, total = _chunked_loss_and_grads(
+                hidden_ND, weight_VD, bias_V, targets_N, chunk_size, compute, ctx.needs_input_grad[:3]
+            )
+        ctx.save_for_backward(*grads)
         ctx.weight_dtype = weight_VD.dtype
         ctx.bias_dtype = bias_V.dtype if bias_V is not None else None
         return total

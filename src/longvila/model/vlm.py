@@ -48,10 +48,24 @@ def build_llm(llm_config: dict[str, Any], attn_implementation: str) -> nn.Module
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
-def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
-    """(n + 1,) boundaries -> (length,) sample index of each token."""
-    positions = torch.arange(length, device=cu_seqlens.device)
-    return torch.searchsorted(cu_seqlens[1:-1].to(positions.dtype), positions, right=True)
+def _packed_bounds(cu_seqlens, batch: int, length: int) -> tuple[int, ...] | None:
+    """Host tuple (0, ..., T) of a packed row's sample bounds, read once per batch (every layer's
+    attention reuses it without a device sync); None for one sample per row."""
+    if cu_seqlens is None:
+        return None
+    if batch != 1:
+        raise ValueError("cu_seqlens describes one packed row; got a batch of several rows")
+    bounds = tuple(int(x) for x in torch.as_tensor(cu_seqlens).reshape(-1).tolist())
+    if (
+        len(bounds) < 2
+        or bounds[0] != 0
+        or bounds[-1] != length
+        or any(b < a for a, b in zip(bounds, bounds[1:]))
+    ):
+        raise ValueError(
+            f"cu_seqlens must start at 0, be non-decreasing and end at {length}, got {list(bounds)}"
+        )
+    return bounds if len(bounds) > 2 else None
 
 
 class LongVILA(nn.Module):
@@ -208,34 +222,25 @@ class LongVILA(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(length, device=device).expand(batch, -1)
         position_ids = position_ids.to(device)
-        segment_ids = None
-        if cu_seqlens is not None:
-            cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-            if batch != 1:
-                raise ValueError("cu_seqlens describes one packed row; got a batch of several rows")
-            if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length:
-                raise ValueError(f"cu_seqlens must start at 0 and end at {length}, got {cu_seqlens.tolist()}")
-            if cu_seqlens.numel() > 2:
-                segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, length)[None]
+        bounds = _packed_bounds(cu_seqlens, batch, length)
         embeds = self.embed(input_ids, pixel_values, sp=sp)
         if labels is not None:
             targets = shift_labels(labels.to(device))
-            if segment_ids is not None:
+            if bounds is not None:
                 # Never predict the first token of the next sample from the last token of this one.
-                crosses = torch.zeros_like(targets, dtype=torch.bool)
-                crosses[:, :-1] = segment_ids[:, 1:] != segment_ids[:, :-1]
-                targets = targets.masked_fill(crosses, IGNORE_INDEX)
+                last_tokens = [end - 1 for end in bounds[1:-1] if 0 < end < length]
+                targets[:, last_tokens] = IGNORE_INDEX
         if sp is not None and sp.sp_degree > 1:
             return self._forward_sp(
                 embeds,
                 position_ids,
-                cu_seqlens,
+                bounds,
                 targets if labels is not None else None,
                 sp,
                 return_logits,
                 loss_chunk_size,
             )
-        ctx = AttentionContext(segment_ids=segment_ids)
+        ctx = AttentionContext(cu_seqlens=bounds)
         hidden = self._decoder(embeds, position_ids, ctx).last_hidden_state
         return self._outputs(hidden, targets if labels is not None else None, return_logits, loss_chunk_size)
 
@@ -264,7 +269,7 @@ class LongVILA(nn.Module):
         heads = config.num_attention_heads
         sp.check_model(heads, getattr(config, "num_key_value_heads", None) or heads)
 
-    def _forward_sp(self, embeds, position_ids, cu_seqlens, targets, sp, return_logits, loss_chunk_size):
+    def _forward_sp(self, embeds, position_ids, bounds, targets, sp, return_logits, loss_chunk_size):
         """Stage 2 of MM-SP: shard the full sequence by tokens (2D zigzag) and run the LLM on the shard.
 
         The targets were shifted on the full sequence, so a shard's last token keeps its target even
@@ -275,9 +280,8 @@ class LongVILA(nn.Module):
         index = sp.local_positions(total, device=embeds.device)
         local_embeds = sp.shard(embeds, dim=1)
         local_positions = position_ids.index_select(1, index)
-        if cu_seqlens is None:
-            cu_seqlens = torch.tensor([0, total], dtype=torch.int32, device=embeds.device)
-        ctx = AttentionContext(sp=sp, cu_seqlens=cu_seqlens)
+        # One sample (bounds None) takes the plain causal fused path: no boundaries, no pieces.
+        ctx = AttentionContext(sp=sp, cu_seqlens=bounds)
         hidden = self._decoder(local_embeds, local_positions, ctx).last_hidden_state
         local_targets = targets.index_select(1, index) if targets is not None else None
         return self._outputs(hidden, local_targets, return_logits, loss_chunk_size, sp=sp)

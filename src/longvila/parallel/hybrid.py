@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from longvila.parallel.attention import segment_ids_from_cu_seqlens
+from longvila.parallel.attention import boundaries_tuple
 from longvila.parallel.mesh import SequenceParallel, check_sequence_length
 from longvila.parallel.ring import RingPlan, ring_attention
 from longvila.parallel.ulysses import check_heads, gather_heads, replicate_kv_heads, scatter_heads
@@ -29,8 +29,10 @@ def sp_attention(
 
     q (B, S, Nq, H), k/v (B, S, Nk, H) -> (B, S, Nq, H) in q's dtype.
     cu_seqlens: global boundaries of packed samples (int, starting at 0, ending at T = S * U * R),
-    the same on every rank and for every batch row; no token attends across them. Tokens at or
-    after cu_seqlens[-1], if it ends early, are padding: they see nothing and output 0.
+    a tensor or, better, a tuple of host ints (a tensor costs one copy to the host per call), the
+    same on every rank and for every batch row; no token attends across them. Tokens at or after
+    cu_seqlens[-1], if it ends early, are padding: they see nothing and output 0. No mask is built:
+    the blocks are cut at the boundaries into fused-kernel pieces (`attention_pieces`).
     scale: softmax scale, default H ** -0.5. `sp=None` means `SequenceParallel.single()`.
     """
     sp = SequenceParallel.single() if sp is None else sp
@@ -42,9 +44,6 @@ def sp_attention(
     check_heads(q.shape[2], k.shape[2], ulysses)
     total_len = q.shape[1] * sp.sp_degree
     check_sequence_length(total_len, ring, ulysses)
-    segment_ids = None
-    if cu_seqlens is not None:
-        segment_ids = segment_ids_from_cu_seqlens(cu_seqlens, total_len).to(q.device)
     plan = RingPlan(
         group=sp.ring_group,
         ring_rank=sp.ring_rank,
@@ -52,8 +51,10 @@ def sp_attention(
         causal=causal,
         scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
         total_len=total_len,
-        segment_ids=segment_ids,
+        boundaries=boundaries_tuple(cu_seqlens, total_len),
     )
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     k, v = replicate_kv_heads(k, ulysses), replicate_kv_heads(v, ulysses)
     q, k, v = (scatter_heads(x, sp.ulysses_group) for x in (q, k, v))
     return gather_heads(ring_attention(q, k, v, plan), sp.ulysses_group)

@@ -111,16 +111,19 @@ class MMSPMethods:
         queries), then the partials are merged exactly by their log-sum-exp.
         """
         batch, num_q, q_len, dim = q_BNqH.shape
-        group = num_q // k_BNkSH.shape[1]
-        k = k_BNkSH.repeat_interleave(group, dim=1)
-        v = v_BNkSH.repeat_interleave(group, dim=1)
+        num_kv = k_BNkSH.shape[1]
         scale = dim**-0.5 if scale is None else scale
         acc = torch.promote_types(q_BNqH.dtype, torch.float32)
-        scores = torch.einsum("bnqh,bnkh->bnqk", q_BNqH.to(acc), k.to(acc)) * scale
+        # Query head n uses K/V head n // G: group the query heads onto their K/V head instead of
+        # repeating the cache to every query head, and multiply in the cache's dtype; only the small
+        # (G * Sq, Sk) score rows are float32.
+        q_g = q_BNqH.to(k_BNkSH.dtype).reshape(batch, num_kv, (num_q // num_kv) * q_len, dim)
+        scores = (q_g @ k_BNkSH.transpose(-1, -2)).to(acc) * scale
         scores = scores.masked_fill(~key_valid_BS[:, None, None, :], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # (B, N, Sq); -inf where this rank has no valid key
+        lse = torch.logsumexp(scores, dim=-1)  # -inf where this rank has no valid key
         probs = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0)[..., None])
-        out = torch.einsum("bnqk,bnkh->bnqh", probs, v.to(acc))
+        out = (probs.to(v_BNkSH.dtype) @ v_BNkSH).to(acc)
+        out, lse = out.reshape(batch, num_q, q_len, dim), lse.reshape(batch, num_q, q_len)
         if self.sp_degree > 1:
             outs = all_gather_pieces(out[None], 0, self.sp_group)  # (P, B, N, Sq, H)
             lses = all_gather_pieces(lse[None], 0, self.sp_group)  # (P, B, N, Sq)
