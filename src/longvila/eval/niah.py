@@ -190,13 +190,6 @@ def teacher_forced_correct(
     return bool((predicted == answer_ids).all())
 
 
-def _end_ids(model, processor) -> list[int]:
-    ids = {processor.im_end_id}
-    eos = getattr(model.llm.config, "eos_token_id", None)
-    ids.update([eos] if isinstance(eos, int) else list(eos or []))
-    return sorted(i for i in ids if i is not None)
-
-
 def insert_needle(haystack: torch.Tensor, needle: torch.Tensor, depth: float) -> torch.Tensor:
     """(N, P, D) haystack and (1, P, D) needle -> (N + 1, P, D) with the needle at frame round(depth * N)."""
     at = int(round(depth * haystack.shape[0]))
@@ -259,7 +252,7 @@ def run_niah(
     haystack = encode_frames(model, processor, np.asarray(haystack_frames[:longest]), sp=sp)
     needle_embeds = [model.encode_frames(_needle_pixels(processor, n.image)) for n in needles]
     builders: dict[str, PromptBuilder] = {}
-    end_ids = _end_ids(model, processor)
+    end_ids = processor.stop_token_ids
     cells = []
     total = len(frame_counts) * len(depths)
     for i, (depth, frames) in enumerate((d, f) for d in depths for f in frame_counts):

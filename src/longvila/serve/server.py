@@ -295,10 +295,11 @@ class ModelWorker:
                 temperature=request.temperature if request.temperature > 0 else 1.0,
                 top_p=request.top_p,
                 generator=generator,
+                eos_token_id=self.processor.stop_token_ids,
                 streamer=streamer,
             )
         ids = new_ids[0].tolist()
-        stops = {self.processor.im_end_id, self.processor.pad_token_id}
+        stops = set(self.processor.stop_token_ids)
         used = next((i for i, token in enumerate(ids) if token in stops), None)
         finish = "stop" if used is not None else "length"
         return self.processor.decode(ids), len(ids) if used is None else used + 1, finish
