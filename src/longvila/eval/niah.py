@@ -34,11 +34,16 @@ from longvila.config import IMAGE_TOKEN
 
 @dataclass
 class Needle:
-    """One needle: an image (uint8 (H, W, 3) or a path), the question asked after the video, the answer."""
+    """One probe: an image (uint8 (H, W, 3) or a path) or a list of them (a multi-needle probe: K
+    frames, placed in list order), the question asked after the video, and the answer."""
 
     image: Any
     question: str
     answer: str
+
+    @property
+    def images(self) -> list[Any]:
+        return list(self.image) if isinstance(self.image, (list, tuple)) else [self.image]
 
 
 @dataclass
@@ -87,13 +92,16 @@ def load_needles(path: str | Path) -> tuple[str, list[Needle]]:
     return str(path.parent / index["haystack"]), needles
 
 
-def _needle_pixels(processor, image: Any) -> torch.Tensor:
-    if isinstance(image, (str, Path)):
-        from longvila.data.image import load_image
+def _needle_pixels(processor, needle: Needle) -> torch.Tensor:
+    """A needle's K images -> (K, 3, S, S) normalised pixels."""
+    images = []
+    for image in needle.images:
+        if isinstance(image, (str, Path)):
+            from longvila.data.image import load_image
 
-        image = load_image(image)
-    image = np.asarray(image, dtype=np.uint8)
-    return processor.preprocess_frames(image[None] if image.ndim == 3 else image)
+            image = load_image(image)
+        images.append(np.asarray(image, dtype=np.uint8))
+    return processor.preprocess_frames(np.stack(images))
 
 
 @torch.no_grad()
@@ -190,10 +198,22 @@ def teacher_forced_correct(
     return bool((predicted == answer_ids).all())
 
 
+def needle_positions(num_frames: int, num_needles: int, depth: float) -> list[int]:
+    """Haystack cut points of K needles at `depth`: needle k goes before haystack frame
+    round((depth + k) / K * N), so one needle sits at round(depth * N) and K needles keep their
+    order, each sweeping its own 1/K of the video as the depth goes 0 -> 1."""
+    return [int(round((depth + k) / num_needles * num_frames)) for k in range(num_needles)]
+
+
 def insert_needle(haystack: torch.Tensor, needle: torch.Tensor, depth: float) -> torch.Tensor:
-    """(N, P, D) haystack and (1, P, D) needle -> (N + 1, P, D) with the needle at frame round(depth * N)."""
-    at = int(round(depth * haystack.shape[0]))
-    return torch.cat([haystack[:at], needle, haystack[at:]])
+    """(N, P, D) haystack and (K, P, D) needle frames -> (N + K, P, D), the needles at
+    `needle_positions(N, K, depth)` (K = 1: at frame round(depth * N))."""
+    cuts = needle_positions(haystack.shape[0], needle.shape[0], depth)
+    parts, start = [], 0
+    for k, at in enumerate(cuts):
+        parts += [haystack[start:at], needle[k : k + 1]]
+        start = at
+    return torch.cat(parts + [haystack[start:]])
 
 
 def _cell_path(out_dir: Path, frames: int, depth: float) -> Path:
@@ -250,7 +270,7 @@ def run_niah(
     was_training = model.training
     model.eval()
     haystack = encode_frames(model, processor, np.asarray(haystack_frames[:longest]), sp=sp)
-    needle_embeds = [model.encode_frames(_needle_pixels(processor, n.image)) for n in needles]
+    needle_embeds = [model.encode_frames(_needle_pixels(processor, n)) for n in needles]
     builders: dict[str, PromptBuilder] = {}
     end_ids = processor.stop_token_ids
     cells = []
