@@ -221,3 +221,23 @@ def run_all(rank: int, world_size: int) -> dict:
         for name, sp in layouts.items()
     }
     return results
+
+
+def _merge_by_max(out, lse, block_out, block_lse):
+    """A broken LSE merge: keep whichever partial has the larger LSE (max instead of log-sum-exp)."""
+    take = (block_lse > lse).unsqueeze(-1)
+    return torch.where(take, block_out, out), torch.maximum(lse, block_lse)
+
+
+def run_with_broken_lse_merge(rank: int, world_size: int) -> dict:
+    """The ring layouts' attention cases with the ring's LSE merge replaced by `_merge_by_max`
+    (the mutation test_mutations_sp.py requires test_sp_attention's check to catch)."""
+    import longvila.parallel.ring as ring
+
+    ring.merge_partial = _merge_by_max
+    layouts = {name: init_sp(ulysses=u, ring=r) for name, (u, r) in LAYOUTS.items() if r > 1}
+    results = {"attention": {}}
+    for i, case in enumerate(attention_cases()):
+        if case[1] in layouts:
+            results["attention"][case[0]] = _run_attention_case(layouts[case[1]], case, 100 * i)
+    return results
