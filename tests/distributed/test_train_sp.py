@@ -49,12 +49,15 @@ def test_fsdp2_mmsp_training_on_4_ranks_matches_one_process(tmp_path):
 
 
 def test_dp2_x_sp2_training_on_4_ranks_matches_one_process(tmp_path):
-    """dp = 2 x (Ulysses 2): each data-parallel replica takes 2 samples of a 4-sample global batch;
-    one process takes all 4 (the same samples, in the same order) in one micro-batch."""
-    single = _run(tmp_path, "single", [sys.executable], "--data.batch_size", "4")
+    """dp = 2 x (Ulysses 2): a global batch of 4 samples, 2 per data-parallel replica, against one
+    process taking the same 4 samples as 2 accumulated micro-batches of 2 (the same grouping: the
+    gradient is the mean of the two micro-batch means either way). The logged loss is the global
+    batch's on both sides."""
+    batch = ("--data.batch_size", "2", "--train.global_batch_size", "4")
+    single = _run(tmp_path, "single", [sys.executable], *batch)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
     hybrid = _run(
-        tmp_path, "dp2sp2", torchrun, "--parallel.ulysses_degree", "2", "--parallel.ring_degree", "1"
+        tmp_path, "dp2sp2", torchrun, *batch, "--parallel.ulysses_degree", "2", "--parallel.ring_degree", "1"
     )
     assert len(single) == len(hybrid) == STEPS
     assert len(set(single)) == STEPS  # the loss moves: the comparison is not of constants

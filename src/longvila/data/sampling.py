@@ -1,7 +1,7 @@
 """The one uniform frame-sampling rule, shared by every path that picks frames.
 
 LongVILA samples N frames uniformly over the whole video: indices on `linspace(0, total - 1, N)`,
-rounded to the nearest frame (docs/data.md, "Frame sampling"). Ties (x.5) round **up**, so the rule
+rounded to the nearest frame (docs/data.md, "Sampling rule"). Ties (x.5) round **up**, so the rule
 is `floor(linspace(0, total - 1, N) + 0.5)`, computed in exact integers. A video given as a path (any decoder backend), the same
 frames given as an array, and a chat turn's frames all go through `uniform_indices`, so they pick the
 same frames; tests/unit/test_processor.py checks every (total, N) below 64.
