@@ -95,54 +95,41 @@ def _train_stage(number: int, out: Path, settings: dict, seed: int, progress: bo
     return summary
 
 
-def _haystack(settings: dict, seed: int) -> np.ndarray:
-    """A haystack the model never saw: its own seed stream, separate from the training samples."""
+def _sweep(needles, out_dir: Path, settings: dict, seed: int, progress: bool, model, processor):
+    """One V-NIAH grid over the demo's frame counts and depths, on a haystack the model never saw
+    (its own seed stream, separate from the training samples)."""
+    from longvila.eval.niah import run_niah
     from longvila.train.data import noise_frames
 
-    return noise_frames(np.random.default_rng([seed, 99]), max(settings["frame_counts"]), 64)
+    haystack = noise_frames(np.random.default_rng([seed, 99]), max(settings["frame_counts"]), 64)
+    return run_niah(
+        model, processor, haystack, needles, settings["frame_counts"], settings["depths"], out_dir,
+        max_new_tokens=6, progress=progress,
+    )  # fmt: skip
 
 
 def _niah(out: Path, settings: dict, seed: int, progress: bool, model, processor):
     """V-NIAH with the trained needle: flat colour frames, the stage-5 question."""
-    from longvila.eval.niah import Needle, run_niah
+    from longvila.eval.niah import Needle
     from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame
 
-    colours = COLOUR_NAMES[: settings["num_needles"]]
-    needles = [Needle(needle_frame(c, 64), NEEDLE_QUESTION, c) for c in colours]
-    return run_niah(
-        model,
-        processor,
-        _haystack(settings, seed),
-        needles,
-        settings["frame_counts"],
-        settings["depths"],
-        out / "niah",
-        max_new_tokens=6,
-        progress=progress,
-    )
+    needles = [
+        Needle(needle_frame(c, 64), NEEDLE_QUESTION, c) for c in COLOUR_NAMES[: settings["num_needles"]]
+    ]
+    return _sweep(needles, out / "niah", settings, seed, progress, model, processor)
 
 
 def _niah_heldout(out: Path, settings: dict, seed: int, progress: bool, model, processor) -> dict:
     """V-NIAH with held-out needles, one grid per kind: {kind: NiahGrid}."""
     from longvila.data.synthetic import heldout_needles
-    from longvila.eval.niah import Needle, run_niah
+    from longvila.eval.niah import Needle
 
     grids = {}
     for kind, probes in heldout_needles(seed, settings["heldout_per_kind"], 64).items():
-        needles = [Needle(p["images"], p["question"], p["answer"]) for p in probes]
         if progress:
             print(f"held-out needles: {kind}", flush=True)
-        grids[kind] = run_niah(
-            model,
-            processor,
-            _haystack(settings, seed),
-            needles,
-            settings["frame_counts"],
-            settings["depths"],
-            out / "niah_heldout" / kind,
-            max_new_tokens=6,
-            progress=progress,
-        )
+        needles = [Needle(p["images"], p["question"], p["answer"]) for p in probes]
+        grids[kind] = _sweep(needles, out / "niah_heldout" / kind, settings, seed, progress, model, processor)
     return grids
 
 

@@ -303,7 +303,7 @@ def make_vniah(
     size: int = 64,
     num_needles: int = 10,
 ) -> Path:
-    """The V-NIAH haystack video and needle set (evaluation; REFERENCE.md "V-NIAH").
+    """The V-NIAH haystack video and needle set (evaluation; docs/evaluation.md).
 
     Writes vniah/haystack.mp4 (drifting colour fields with noise), vniah/needles/NN.png (a coloured
     digit on white) and vniah/needles.json: {"haystack", "fps", "needles": [{"image", "question",

@@ -1,4 +1,4 @@
-"""Video needle in a haystack (V-NIAH), as LongVILA and LongVA run it (REFERENCE.md, "V-NIAH").
+"""Video needle in a haystack (V-NIAH), as LongVILA and LongVA run it (docs/evaluation.md).
 
 The haystack frames are encoded once (vision tower + projector) and cached; each needle image too. For
 N frames at depth d the input is built at the embedding level:
@@ -6,7 +6,8 @@ N frames at depth d the input is built at the embedding level:
     prompt + haystack[:round(d*N)] + needle + haystack[round(d*N):N] + question
 
 with every frame's tokens followed by the "\\n" embedding, exactly the layout the processor gives a
-video of N + 1 frames. Each cell is scored two ways:
+video of N + 1 frames. A multi-needle probe (K images) puts needle k before haystack frame
+round((d + k) / K * N), keeping the needles in order (`needle_positions`). Each cell is scored two ways:
 - generation (LongVILA): greedy decoding, exact match after lower-casing and removing spaces;
 - teacher forcing (LongVA): correct only if the argmax at every answer position is the answer token.
 
