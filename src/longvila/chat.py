@@ -81,7 +81,7 @@ class TextStreamer:
     def __init__(self, processor, on_text: Callable[[str], None]) -> None:
         self.processor = processor
         self.on_text = on_text
-        self.stop_ids = {processor.im_end_id, processor.pad_token_id}
+        self.stop_ids = set(processor.stop_token_ids)
         self.token_ids: list[int] = []
         self.text = ""
         self.released = 0
@@ -175,12 +175,11 @@ class ChatSession:
     def _sample_array(self, frames: Any) -> Any:
         """Frames given as an array are sampled as the processor samples them (no timestamps: an fps
         request keeps at most `max_frames`)."""
-        from longvila.processor import uniform_indices
+        from longvila.data.sampling import sample_frame_array
 
-        limit = self.num_frames if self.fps is None else self.max_frames
-        if limit and hasattr(frames, "shape") and frames.shape[0] > limit:
-            frames = frames[uniform_indices(frames.shape[0], limit)]
-        return frames
+        if not hasattr(frames, "shape"):
+            return frames
+        return sample_frame_array(frames, None if self.fps else self.num_frames, self.max_frames)
 
     def messages(self, pending: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt is not None else []
@@ -230,6 +229,7 @@ class ChatSession:
             temperature=temperature if temperature > 0 else 1.0,
             top_p=self.top_p if top_p is None else top_p,
             generator=self.generator,
+            eos_token_id=self.processor.stop_token_ids,
             streamer=TextStreamer(self.processor, on_text) if streams else None,
             sp=self.sp,
         )

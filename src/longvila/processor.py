@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from longvila.config import IMAGE_TOKEN, LongVILAConfig
+from longvila.data.sampling import sample_frame_array, uniform_indices  # noqa: F401 (re-export)
 from longvila.model.loss import IGNORE_INDEX
 from longvila.text.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
@@ -53,11 +54,6 @@ def check_frames(frames: Any, what: str = "video") -> np.ndarray:
     return frames
 
 
-def uniform_indices(total: int, num: int) -> np.ndarray:
-    """LongVILA's uniform sampling: `num` indices on linspace(0, total - 1), rounded."""
-    return np.round(np.linspace(0, total - 1, num)).astype(np.int64)
-
-
 class LongVILAProcessor:
     """Tokeniser + frame preprocessing + packing, matched to one model config."""
 
@@ -84,6 +80,13 @@ class LongVILAProcessor:
         self.im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
         self.newline_ids = self._encode("\n")
         self.pad_token_id = tokenizer.pad_token_id
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a reply: `<|im_end|>`, the tokenizer's EOS and its padding token
+        (`<|endoftext|>` in Qwen2). The one stop set: `generate` callers, streamers and `decode` use it."""
+        ids = {self.im_end_id, self.tokenizer.eos_token_id, self.pad_token_id}
+        return sorted(int(i) for i in ids if i is not None)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -138,7 +141,7 @@ class LongVILAProcessor:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Token ids -> text, cut at the first end-of-turn token."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        stops = {self.im_end_id, self.pad_token_id}
+        stops = set(self.stop_token_ids)
         for i, token in enumerate(ids):
             if token in stops:
                 ids = ids[:i]
@@ -168,10 +171,7 @@ class LongVILAProcessor:
             )
             return check_frames(frames, f"video {item}")
         frames = check_frames(item, "video")
-        limit = num_frames if fps is None else max_frames
-        if limit and frames.shape[0] > limit:
-            frames = frames[uniform_indices(frames.shape[0], limit)]
-        return frames
+        return sample_frame_array(frames, None if fps else num_frames, max_frames)
 
     @staticmethod
     def _load_image(item: Any) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Cases run inside one world-4 gloo group by test_sp_attention.py (spawned ranks import this module).
 
-Every case compares the sequence-parallel path in float64 with single-process masked-softmax
-attention (`reference_attention`, plain autograd) on the same full inputs.
+Every case compares the sequence-parallel path in float64 with single-process
+`F.scaled_dot_product_attention` on the same full inputs, under a mask this module builds from the
+sample lengths (nothing of the project's masking). Traffic is counted by wrapping torch.distributed's
+calls (`_comm_traffic.DistTraffic`), not by the code's own CommCounter.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ import random
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from _comm_traffic import DistTraffic
 
-from longvila.parallel import CommCounter, init_sp, sp_attention
-from longvila.parallel.attention import reference_attention
+from longvila.parallel import init_sp, sp_attention
 from longvila.parallel.hybrid import sp_attention_comm_bytes
 
 WORLD_SIZE = 4
@@ -49,6 +52,38 @@ def attention_cases() -> list[tuple]:
     return cases
 
 
+def sample_mask(total_len: int, cu_seqlens, causal: bool) -> torch.Tensor:
+    """(T, T) bool, True = query row may attend key column: same sample (samples are the runs
+    cu[i]:cu[i+1]; tokens from cu[-1] on are padding and see nothing) and, if causal, key <= query."""
+    sample = [0] * total_len
+    if cu_seqlens is not None:
+        bounds = [int(x) for x in cu_seqlens]
+        sample = [-1] * total_len
+        for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            for position in range(start, end):
+                sample[position] = index
+    mask = torch.tensor([[a == b and a >= 0 for b in sample] for a in sample], dtype=torch.bool)
+    if causal:
+        mask &= torch.ones(total_len, total_len, dtype=torch.bool).tril()
+    return mask
+
+
+def sdpa_reference(q, k, v, *, causal: bool, cu_seqlens=None) -> torch.Tensor:
+    """q (B, T, Nq, H), k/v (B, T, Nk, H) -> (B, T, Nq, H) by torch's SDPA; GQA by repeating each K/V
+    head for its Nq / Nk query heads (Qwen2's layout). Rows that see no key (padding) give 0."""
+    total_len, nq, nk = q.shape[1], q.shape[2], k.shape[2]
+    mask = sample_mask(total_len, cu_seqlens, causal)
+    empty = ~mask.any(-1)
+    # An empty row would softmax to NaN (and NaN its gradients): let it see itself, then zero it.
+    mask = mask | (torch.diag(empty))
+    qt = q.transpose(1, 2)
+    kt = k.transpose(1, 2).repeat_interleave(nq // nk, dim=1)
+    vt = v.transpose(1, 2).repeat_interleave(nq // nk, dim=1)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)
+    out = torch.where(empty[None, None, :, None], torch.zeros_like(out), out)
+    return out.transpose(1, 2)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
@@ -65,7 +100,7 @@ def _run_attention_case(sp, case, seed):
     name, _, causal, q_heads, kv_heads, total_len, cu = case
     q, k, v, dout = _inputs(seed, total_len, q_heads, kv_heads)
     ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref_out = reference_attention(*ref_leaves, causal=causal, cu_seqlens=cu)
+    ref_out = sdpa_reference(*ref_leaves, causal=causal, cu_seqlens=cu)
     ref_out.backward(dout)
     # Every SP rank holds the same full inputs; shard's backward scatters into a zero full grad.
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -107,9 +142,9 @@ def _run_padded_rank_case(sp):
 def _run_bytes_case(sp, q_heads, kv_heads, total_len=32):
     q, k, v, dout = _inputs(3, total_len, q_heads, kv_heads)
     local = [sp.shard(x, 1).requires_grad_() for x in (q, k, v)]
-    with CommCounter() as forward:
+    with DistTraffic() as forward:
         out = sp_attention(*local, sp, causal=True)
-    with CommCounter() as backward:
+    with DistTraffic() as backward:
         out.backward(sp.shard(dout, 1))
     expected = sp_attention_comm_bytes(
         batch=BATCH,
@@ -133,7 +168,7 @@ def _run_gather_convention_case(sp):
     x, c = torch.randn(total_len, 3, generator=g, dtype=torch.float64), torch.randn(total_len, 1, generator=g)
     weight = torch.randn(3, generator=g, dtype=torch.float64)
     w = weight.clone().requires_grad_()
-    with CommCounter() as counter:
+    with DistTraffic() as counter:
         z = sp.gather(torch.sin(sp.shard(x * w, 0)), 0)
         loss = (sp.shard(z, 0) ** 2 * sp.shard(c, 0)).sum()  # the ranks' losses add up to the total
         loss.backward()
@@ -185,4 +220,24 @@ def run_all(rank: int, world_size: int) -> dict:
         name: (sp.dp_rank, sp.ring_rank, sp.ulysses_rank, sp.sp_rank, sp.sp_degree, sp.dp_degree)
         for name, sp in layouts.items()
     }
+    return results
+
+
+def _merge_by_max(out, lse, block_out, block_lse):
+    """A broken LSE merge: keep whichever partial has the larger LSE (max instead of log-sum-exp)."""
+    take = (block_lse > lse).unsqueeze(-1)
+    return torch.where(take, block_out, out), torch.maximum(lse, block_lse)
+
+
+def run_with_broken_lse_merge(rank: int, world_size: int) -> dict:
+    """The ring layouts' attention cases with the ring's LSE merge replaced by `_merge_by_max`
+    (the mutation test_mutations_sp.py requires test_sp_attention's check to catch)."""
+    import longvila.parallel.ring as ring
+
+    ring.merge_partial = _merge_by_max
+    layouts = {name: init_sp(ulysses=u, ring=r) for name, (u, r) in LAYOUTS.items() if r > 1}
+    results = {"attention": {}}
+    for i, case in enumerate(attention_cases()):
+        if case[1] in layouts:
+            results["attention"][case[0]] = _run_attention_case(layouts[case[1]], case, 100 * i)
     return results

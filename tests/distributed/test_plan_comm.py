@@ -1,4 +1,5 @@
-"""The planner's attention communication bytes against what `CommCounter` counts in a real gloo run.
+"""The planner's attention communication bytes against the bytes a real gloo run hands torch.distributed
+(counted by wrapping its calls, `_comm_traffic.DistTraffic`, not by the code's own CommCounter).
 
 World 4, layouts (U, R) = (2, 2), (1, 4) and (4, 1), GQA 8 query / 2 KV heads (replicated under
 Ulysses 4), float32.
@@ -20,8 +21,9 @@ LAYOUTS = {"2x2": (2, 2), "ring4": (1, 4), "ulysses4": (4, 1)}
 
 def count_bytes(rank: int, world_size: int) -> dict:
     import torch
+    from _comm_traffic import DistTraffic
 
-    from longvila.parallel import CommCounter, init_sp, sp_attention
+    from longvila.parallel import init_sp, sp_attention
 
     counted = {}
     for name, (ulysses, ring) in LAYOUTS.items():
@@ -30,9 +32,9 @@ def count_bytes(rank: int, world_size: int) -> dict:
         q = torch.randn(1, TOTAL_LEN, LLM.q_heads, LLM.head_dim, generator=g)
         k, v = (torch.randn(1, TOTAL_LEN, LLM.kv_heads, LLM.head_dim, generator=g) for _ in range(2))
         q, k, v = (sp.shard(x, dim=1).detach().requires_grad_() for x in (q, k, v))
-        with CommCounter() as forward:
+        with DistTraffic() as forward:
             out = sp_attention(q, k, v, sp, causal=True)
-        with CommCounter() as backward:
+        with DistTraffic() as backward:
             out.sum().backward()
         counted[name] = {"forward": dict(forward.bytes), "backward": dict(backward.bytes)}
     return counted

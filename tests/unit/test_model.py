@@ -3,9 +3,22 @@
 import numpy as np
 import pytest
 import torch
+from _models import lively_tiny_model
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from longvila import LongVILA, LongVILAConfig
+
+
+@pytest.fixture
+def lively():
+    """For generation tests: a tiny model whose greedy tokens vary (each test asserts they do), so a
+    broken cache or padding mask changes them; at the default init every token is the same."""
+    return lively_tiny_model()
+
+
+def assert_varied(tokens, at_least: int = 3) -> None:
+    distinct = set(torch.as_tensor(tokens).reshape(-1).tolist())
+    assert len(distinct) >= at_least, f"generation test on near-constant tokens {distinct}: it proves nothing"
 
 
 def hf_twin(model: LongVILA) -> Qwen2ForCausalLM:
@@ -109,28 +122,60 @@ def manual_greedy(model, prompt_ids, pixel_values, steps):
     return out
 
 
-def test_greedy_generate_with_cache_equals_full_recompute(tiny_model, tiny_processor):
+def test_greedy_generate_with_cache_equals_full_recompute(lively, tiny_processor):
     video = np.random.default_rng(2).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
     prompt = tiny_processor.collate(
         [tiny_processor([{"role": "user", "content": "<video>\nWhat?"}], videos=[video])]
     )
-    new = tiny_model.generate(**prompt, max_new_tokens=6, eos_token_id=[])
+    new = lively.generate(**prompt, max_new_tokens=6, eos_token_id=[])
     assert new.shape == (1, 6) and new.dtype == torch.long
-    assert new[0].tolist() == manual_greedy(tiny_model, prompt["input_ids"], prompt["pixel_values"], 6)
+    assert_varied(new)
+    assert new[0].tolist() == manual_greedy(lively, prompt["input_ids"], prompt["pixel_values"], 6)
 
 
-def test_batched_prompts_of_different_lengths_equal_one_by_one(tiny_model, tiny_processor):
+def test_batched_prompts_of_different_lengths_equal_one_by_one(lively, tiny_processor):
     samples = [
         tiny_processor([{"role": "user", "content": text}])
         for text in ("Hi.", "What colour is the needle frame?")
     ]
-    together = tiny_model.generate(**tiny_processor.collate(samples), max_new_tokens=5, eos_token_id=[])
+    together = lively.generate(**tiny_processor.collate(samples), max_new_tokens=5, eos_token_id=[])
+    assert_varied(together[0])
+    assert_varied(together[1])
+    assert together[0].tolist() != together[1].tolist()  # the rows are told apart
     for row, sample in enumerate(samples):
-        alone = tiny_model.generate(**tiny_processor.collate([sample]), max_new_tokens=5, eos_token_id=[])
+        alone = lively.generate(**tiny_processor.collate([sample]), max_new_tokens=5, eos_token_id=[])
         assert together[row].tolist() == alone[0].tolist()
 
 
-def test_sampling_is_reproducible_with_a_generator_and_stops_at_eos(tiny_model, tiny_processor):
+def test_generate_stops_at_the_processors_stop_ids_by_default(tmp_path, tiny_processor):
+    """The processor owns the stop ids (<|im_end|>, EOS, pad); a checkpoint saved with it makes them
+    `generate`'s default. The model is steered to emit <|im_end|> where its third token was."""
+    from longvila import LongVILAProcessor
+
+    model = lively_tiny_model()
+    prompt = tiny_processor.collate([tiny_processor([{"role": "user", "content": "Hi."}])])
+    free = model.generate(**prompt, max_new_tokens=6, eos_token_id=[])[0].tolist()
+    assert_varied(free)
+    stop = tiny_processor.im_end_id
+    assert tiny_processor.stop_token_ids == sorted(
+        {stop, tiny_processor.tokenizer.eos_token_id, tiny_processor.pad_token_id}
+    )
+    assert stop not in free[:2]
+    model.save_pretrained(tmp_path / "m", processor=tiny_processor)
+    loaded = LongVILA.from_pretrained(tmp_path / "m")
+    assert LongVILAProcessor.from_pretrained(tmp_path / "m").stop_token_ids == tiny_processor.stop_token_ids
+    assert loaded.generate(**prompt, max_new_tokens=6)[0].tolist() == free  # no stop id emitted: no stop
+    with torch.no_grad():  # make <|im_end|> the winner exactly where the third token was chosen
+        head = loaded.llm.get_output_embeddings().weight
+        head[stop] = head[free[2]] * 3
+    stopped = loaded.generate(**prompt, max_new_tokens=6)[0].tolist()
+    # decoding ends at the stop id (every prompt finished), well before max_new_tokens
+    assert stop in stopped[:3] and stopped[-1] == stop and len(stopped) <= 3, stopped
+    assert loaded.generate(**prompt, max_new_tokens=6, eos_token_id=[])[0].shape[0] == 6
+
+
+def test_sampling_is_reproducible_with_a_generator_and_stops_at_eos(lively, tiny_processor):
+    tiny_model = lively
     prompt = tiny_processor.collate([tiny_processor([{"role": "user", "content": "Hi."}])])
     runs = [
         tiny_model.generate(
@@ -146,6 +191,10 @@ def test_sampling_is_reproducible_with_a_generator_and_stops_at_eos(tiny_model, 
         for _ in range(2)
     ]
     assert torch.equal(runs[0], runs[1])
+    assert_varied(runs[0])
+    other = tiny_model.generate(**prompt, max_new_tokens=8, do_sample=True, top_k=50, top_p=0.9,
+                                temperature=1.5, generator=torch.Generator().manual_seed(4), eos_token_id=[])  # fmt: skip
+    assert not torch.equal(other, runs[0])  # the seed matters: sampling, not a constant
     first = int(runs[0][0, 0])
     stopped = tiny_model.generate(
         **prompt,
@@ -186,11 +235,8 @@ def test_tiny_model_runs_a_64_frame_video_forward_and_backward():
     assert next(model.vision_tower.parameters()).grad is not None
 
 
-def test_chunked_prefill_gives_the_same_tokens(tiny_model, tiny_processor):
-    with torch.no_grad():  # varied greedy tokens make the comparison meaningful
-        for param in tiny_model.llm.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.3)
+def test_chunked_prefill_gives_the_same_tokens(lively, tiny_processor):
+    tiny_model = lively  # varied greedy tokens make the comparison meaningful
     video = np.random.default_rng(4).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
     prompt = tiny_processor.collate(
         [tiny_processor([{"role": "user", "content": "<video>\nWhat?"}], videos=[video])]
@@ -213,6 +259,8 @@ def test_chunked_prefill_gives_the_same_tokens(tiny_model, tiny_processor):
         ]
     )
     together = tiny_model.generate(**batch, max_new_tokens=6, eos_token_id=[], prefill_chunk_size=16)
+    assert_varied(together[0])
+    assert_varied(together[1])
     for row, single in enumerate(two):
         assert (
             together[row].tolist()

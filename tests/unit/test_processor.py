@@ -1,5 +1,7 @@
 """The processor: chat layout, labels, frame preprocessing, packing, and clear errors on bad input."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,85 @@ def test_processor_save_load_round_trip(tmp_path, tiny_processor):
 def test_decode_stops_at_end_of_turn(tiny_processor):
     ids = tiny_processor.tokenizer.encode("red", add_special_tokens=False) + [tiny_processor.im_end_id, 5, 6]
     assert tiny_processor.decode(torch.tensor(ids)) == "red"
+
+
+# ---- one uniform-sampling rule: a path and its decoded frames as an array pick the same frames --------
+
+
+@pytest.fixture(scope="module")
+def grey_ramp_videos(tmp_path_factory):
+    """{total: (path, all decoded frames)} for total in 1..63: frame i is one flat grey level."""
+    from longvila.data.synthetic import write_mp4
+    from longvila.data.video import decode_frames
+
+    root = tmp_path_factory.mktemp("ramps")
+    videos = {}
+    for total in range(1, 64):
+        levels = (np.arange(total, dtype=np.uint8) * 4)[:, None, None, None]
+        frames = np.ascontiguousarray(np.broadcast_to(levels, (total, 32, 32, 3)))  # decord needs >= 32
+        path = write_mp4(root / f"ramp{total:02d}.mp4", frames)
+        decoded, _ = decode_frames(path)
+        assert len(decoded) == total
+        videos[total] = (path, decoded)
+    return videos
+
+
+def _reference_indices(total: int, n: int) -> list[int]:
+    """Round-half-up uniform sampling in exact rationals: floor(i * (total - 1) / (n - 1) + 1/2)."""
+    from fractions import Fraction
+
+    if n == 1:
+        return [0]
+    return [math.floor(Fraction(i * (total - 1), n - 1) + Fraction(1, 2)) for i in range(n)]
+
+
+def test_uniform_indices_match_an_integer_reference_for_every_small_pair():
+    from longvila.data.sampling import uniform_indices
+
+    for total in range(1, 64):
+        for n in range(1, 64):
+            assert uniform_indices(total, n).tolist() == _reference_indices(total, n), (total, n)
+
+
+def test_processor_and_video_module_share_one_sampling_function():
+    import longvila.chat
+    import longvila.data.video
+    import longvila.processor
+    from longvila.data import sampling
+
+    assert longvila.data.video.uniform_indices is sampling.uniform_indices
+    assert longvila.processor.uniform_indices is sampling.uniform_indices
+    assert not hasattr(longvila.chat, "uniform_indices")  # chat samples through sampling.sample_frame_array
+
+
+@pytest.mark.slow  # about 4,000 decodes: a minute or two of CPU
+def test_a_path_and_its_frames_as_an_array_give_identical_pixel_values(tiny_processor, grey_ramp_videos):
+    """Every (total, n) < 64: the processor on the file and on its decoded frames (the same pixels)
+    yields the same pixel_values, including n > total (frames repeat on both paths)."""
+    # A processor whose tower size is the frames' (32): no resize; the test is about which frames.
+    processor = LongVILAProcessor(tiny_processor.tokenizer, tokens_per_frame=1, image_size=32)
+    message = [{"role": "user", "content": "<video>\nWhat?"}]
+    for total, (path, frames) in grey_ramp_videos.items():
+        levels = frames[:, 0, 0, 0].astype(int)
+        for n in range(1, 64):
+            by_path = processor(message, videos=[path], num_frames=n)["pixel_values"]
+            by_array = processor(message, videos=[frames], num_frames=n)["pixel_values"]
+            assert by_path.shape[0] == n and torch.equal(by_path, by_array), (total, n)
+            # and they are the frames the rule names (one grey level per frame identifies it)
+            expected = levels[_reference_indices(total, n)]
+            grey = ((by_path[:, 0, 16, 16] * 0.5 + 0.5) * 255).round().int().numpy()
+            assert np.abs(grey - expected).max() <= 1, (total, n)
+
+
+@pytest.mark.parametrize("backend", ["decord", "opencv", "torchcodec"])
+def test_every_backend_samples_the_frames_the_rule_names(backend, grey_ramp_videos):
+    from longvila.data.video import available_backends, decode_frames
+
+    if backend not in available_backends():
+        pytest.skip(f"{backend} is not installed")
+    for total in (1, 2, 3, 6, 7, 10, 31, 63):
+        path, frames = grey_ramp_videos[total]
+        for n in (1, 2, 3, 5, 8, 13, 40, 63):
+            sampled, _ = decode_frames(path, num_frames=n, backend=backend)
+            expected = frames[_reference_indices(total, n)]
+            assert np.abs(sampled.astype(int) - expected.astype(int)).max() <= 2, (backend, total, n)

@@ -139,3 +139,35 @@ def test_decode_benchmark_smoke(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "| h264_0.1min_96x64_gop250 | 180 | 8 |" in result.stdout
+
+
+def test_heldout_needles_are_seeded_and_disjoint_from_every_training_text(synth):
+    from longvila.data.synthetic import HELDOUT_CHANCE, HELDOUT_QUESTIONS, MULTI_NEEDLE_KINDS, heldout_needles
+    from longvila.train.data import NEEDLE_QUESTION, PASSKEY_QUESTION
+
+    probes = heldout_needles(seed=3, per_kind=3)
+    again = heldout_needles(seed=3, per_kind=3)
+    assert sorted(probes) == sorted(HELDOUT_QUESTIONS) == sorted(HELDOUT_CHANCE)
+    for kind, items in probes.items():
+        assert len(items) == 3
+        for item, twin in zip(items, again[kind]):
+            assert item["answer"] == twin["answer"]
+            assert all(np.array_equal(a, b) for a, b in zip(item["images"], twin["images"]))
+            assert len(item["images"]) == (2 if kind in MULTI_NEEDLE_KINDS else 1)
+            assert all(i.shape == (64, 64, 3) and i.dtype == np.uint8 for i in item["images"])
+    # No held-out question or answer appears in any training text the synthetic sets hold.
+    training = [NEEDLE_QUESTION, PASSKEY_QUESTION]
+    for manifest in synth.glob("*.jsonl"):
+        for line in manifest.read_text().splitlines():
+            training += [turn["value"] for turn in json.loads(line)["conversations"]]
+    corpus = "\n".join(training).lower()
+    for kind, question in HELDOUT_QUESTIONS.items():
+        assert question.lower() not in corpus, kind
+    for word in {item["answer"] for item in probes["word"]}:
+        assert word not in corpus
+    # Images differ from the trained needle (a flat colour): every held-out image has a white background.
+    assert all((item["images"][0] == 255).all(-1).mean() > 0.3 for items in probes.values() for item in items)
+    # The sum is the sum of the pair, in order.
+    for pair, total in zip(probes["two_digits"], probes["digit_sum"]):
+        a, b = (int(x) for x in pair["answer"].split())
+        assert int(total["answer"]) == a + b

@@ -5,7 +5,10 @@
    projector alignment, pre-training, short SFT, text-only context extension (LoRA, RoPE base 10^4 -> 10^6,
    merged), long SFT on the needle task (haystacks of 1..32 frames, log-uniform);
 3. V-NIAH on the exported stage-5 model over frame counts up to 4x the training length and depths
-   0..100 %: `report.json`, `niah.png` and a summary with the chance level.
+   0..100 %, twice: with the **trained** needle (a flat colour frame and the stage-5 question: the
+   training task at new lengths, `niah_trained`, `niah.png`) and with **held-out** needles the model never
+   saw (digits, shapes, rendered words, a shape's colour, two-needle order and sum, each with its own
+   question: `niah_heldout`, `niah_heldout.png`), each beside its chance level, in `report.json`.
 
 `--quick` runs the same path with few steps and a small grid (a smoke test, not a result).
 """
@@ -35,6 +38,7 @@ FULL = {
     "frame_counts": [8, 16, 32, 64, 128],
     "depths": [0.0, 0.25, 0.5, 0.75, 1.0],
     "num_needles": 10,
+    "heldout_per_kind": 2,
 }
 QUICK = {
     "steps": {1: 2, 2: 2, 3: 2, 4: 2, 5: 10},
@@ -42,6 +46,7 @@ QUICK = {
     "frame_counts": [4, 8, 16],
     "depths": [0.0, 0.5, 1.0],
     "num_needles": 2,
+    "heldout_per_kind": 1,
 }
 
 
@@ -90,38 +95,104 @@ def _train_stage(number: int, out: Path, settings: dict, seed: int, progress: bo
     return summary
 
 
-def _niah(out: Path, settings: dict, seed: int, progress: bool):
-    from longvila import LongVILA, LongVILAProcessor
-    from longvila.eval.niah import Needle, run_niah
-    from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame, noise_frames
+def _sweep(needles, out_dir: Path, settings: dict, seed: int, progress: bool, model, processor):
+    """One V-NIAH grid over the demo's frame counts and depths, on a haystack the model never saw
+    (its own seed stream, separate from the training samples)."""
+    from longvila.eval.niah import run_niah
+    from longvila.train.data import noise_frames
 
-    final = out / "stage5" / "final"
-    model, processor = LongVILA.from_pretrained(final), LongVILAProcessor.from_pretrained(final)
-    # A haystack the model never saw: its own seed stream, separate from the training samples.
-    rng = np.random.default_rng([seed, 99])
-    haystack = noise_frames(rng, max(settings["frame_counts"]), 64)
-    colours = COLOUR_NAMES[: settings["num_needles"]]
-    needles = [Needle(needle_frame(c, 64), NEEDLE_QUESTION, c) for c in colours]
+    haystack = noise_frames(np.random.default_rng([seed, 99]), max(settings["frame_counts"]), 64)
     return run_niah(
-        model,
-        processor,
-        haystack,
-        needles,
-        settings["frame_counts"],
-        settings["depths"],
-        out / "niah",
-        max_new_tokens=6,
-        progress=progress,
-    )
+        model, processor, haystack, needles, settings["frame_counts"], settings["depths"], out_dir,
+        max_new_tokens=6, progress=progress,
+    )  # fmt: skip
+
+
+def _niah(out: Path, settings: dict, seed: int, progress: bool, model, processor):
+    """V-NIAH with the trained needle: flat colour frames, the stage-5 question."""
+    from longvila.eval.niah import Needle
+    from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame
+
+    needles = [
+        Needle(needle_frame(c, 64), NEEDLE_QUESTION, c) for c in COLOUR_NAMES[: settings["num_needles"]]
+    ]
+    return _sweep(needles, out / "niah", settings, seed, progress, model, processor)
+
+
+def _niah_heldout(out: Path, settings: dict, seed: int, progress: bool, model, processor) -> dict:
+    """V-NIAH with held-out needles, one grid per kind: {kind: NiahGrid}."""
+    from longvila.data.synthetic import heldout_needles
+    from longvila.eval.niah import Needle
+
+    grids = {}
+    for kind, probes in heldout_needles(seed, settings["heldout_per_kind"], 64).items():
+        if progress:
+            print(f"held-out needles: {kind}", flush=True)
+        needles = [Needle(p["images"], p["question"], p["answer"]) for p in probes]
+        grids[kind] = _sweep(needles, out / "niah_heldout" / kind, settings, seed, progress, model, processor)
+    return grids
+
+
+def _grid_summary(grid, chance: float) -> dict:
+    frames = grid.frame_counts
+    return {
+        "chance": chance,
+        "mean_accuracy": round(grid.mean_accuracy, 4),
+        "mean_accuracy_teacher_forced": round(grid.mean_accuracy_teacher_forced, 4),
+        "accuracy_by_frames": {str(f): round(grid.accuracy_at(f), 4) for f in frames},
+        "accuracy_by_frames_teacher_forced": {
+            str(f): round(grid.accuracy_at(f, teacher_forced=True), 4) for f in frames
+        },
+        "grid": grid.to_dict(),
+    }
+
+
+def niah_reports(trained, heldout: dict, out: Path, train_frames: int) -> tuple[dict, dict]:
+    """`niah_trained` and `niah_heldout` of report.json, with their heat maps (`niah.png`, the
+    trained needle; `niah_heldout.png`, the mean over held-out kinds)."""
+    from longvila.data.synthetic import HELDOUT_CHANCE, HELDOUT_QUESTIONS
+    from longvila.eval.plots import plot_niah_heatmap
+    from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION
+
+    chance = 1.0 / len(COLOUR_NAMES)  # ten colours: a guess is right one time in ten
+    title = f"V-NIAH, TRAINED needle (flat colour, the stage-5 task; trained <= {train_frames} frames; chance {chance:.2f})"
+    niah_trained = {
+        "needle": "a flat colour frame: the stage-5 training task, at new haystack lengths",
+        "question": NEEDLE_QUESTION,
+        **_grid_summary(trained, chance),
+        "heatmap": str(plot_niah_heatmap(trained, out / "niah.png", title=title)),
+    }
+    kinds = {
+        kind: {"question": HELDOUT_QUESTIONS[kind], **_grid_summary(grid, HELDOUT_CHANCE[kind])}
+        for kind, grid in heldout.items()
+    }
+    first = next(iter(heldout.values()))
+    mean_grid = {
+        "frame_counts": first.frame_counts,
+        "depths": first.depths,
+        "accuracy": np.mean([g.accuracy for g in heldout.values()], axis=0).tolist(),
+    }
+    mean_chance = float(np.mean([HELDOUT_CHANCE[k] for k in heldout]))
+    title = f"V-NIAH, HELD-OUT needles (never trained: digits, shapes, words, two-needle; chance {mean_chance:.2f})"
+    niah_heldout = {
+        "needle": "images and questions no training stage saw (longvila.data.synthetic.heldout_needles)",
+        "chance": mean_chance,
+        "mean_accuracy": round(float(np.mean([g.mean_accuracy for g in heldout.values()])), 4),
+        "mean_accuracy_teacher_forced": round(
+            float(np.mean([g.mean_accuracy_teacher_forced for g in heldout.values()])), 4
+        ),
+        "kinds": kinds,
+        "heatmap": str(plot_niah_heatmap(mean_grid, out / "niah_heldout.png", title=title)),
+    }
+    return niah_trained, niah_heldout
 
 
 def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: bool = False) -> dict:
     """Run the demo into `out`; returns the report (also written to `out/report.json`)."""
     import torch
 
+    from longvila import LongVILA, LongVILAProcessor
     from longvila.data.synthetic import generate_all
-    from longvila.eval.plots import plot_niah_heatmap
-    from longvila.train.data import COLOUR_NAMES
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,24 +206,24 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: b
     for number in range(1, 6):
         stages[f"stage{number}"] = _train_stage(number, out, settings, seed, progress)
         timings[f"stage{number}_s"] = stages[f"stage{number}"]["seconds"]
+    final = out / "stage5" / "final"
+    model, processor = LongVILA.from_pretrained(final), LongVILAProcessor.from_pretrained(final)
     start = time.perf_counter()
-    grid = _niah(out, settings, seed, progress)
+    trained = _niah(out, settings, seed, progress, model, processor)
     timings["niah_s"] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    heldout = _niah_heldout(out, settings, seed, progress, model, processor)
+    timings["niah_heldout_s"] = round(time.perf_counter() - start, 2)
     timings["total_s"] = round(time.perf_counter() - began, 2)
     train_frames = settings["train_frames"]
-    png = plot_niah_heatmap(grid, out / "niah.png", title=f"V-NIAH (trained on <= {train_frames} frames)")
-    by_frames = {str(f): round(grid.accuracy_at(f), 4) for f in grid.frame_counts}
-    by_frames_tf = {str(f): round(grid.accuracy_at(f, teacher_forced=True), 4) for f in grid.frame_counts}
+    niah_trained, niah_heldout = niah_reports(trained, heldout, out, train_frames)
     report = {
         "quick": quick,
         "seed": seed,
         "stages": stages,
-        "niah": grid.to_dict(),
-        "niah_accuracy_by_frames": by_frames,
-        "niah_accuracy_by_frames_teacher_forced": by_frames_tf,
+        "niah_trained": niah_trained,
+        "niah_heldout": niah_heldout,
         "train_frames": train_frames,
-        "chance": 1.0 / len(COLOUR_NAMES),  # ten colours: a guess is right one time in ten
-        "heatmap": str(png),
         "timings": timings,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
@@ -163,14 +234,25 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: b
 
 def _print_summary(report: dict, out: Path) -> None:
     train_frames = report["train_frames"]
-    print(f"\nV-NIAH (exact match of the generated colour; chance {report['chance']:.0%}):")
-    for frames, acc in report["niah_accuracy_by_frames"].items():
-        ratio = int(frames) / train_frames
-        tf = report["niah_accuracy_by_frames_teacher_forced"][frames]
-        print(f"  {int(frames):5d} frames ({ratio:g}x training length): {acc:.3f}  (teacher-forced {tf:.3f})")
-    print(f"  mean {report['niah']['mean_accuracy']:.3f} over depths 0..100 %")
+    trained, heldout = report["niah_trained"], report["niah_heldout"]
     print(
-        f"report: {out / 'report.json'}  heat map: {report['heatmap']}  total {report['timings']['total_s']:.0f} s"
+        f"\nV-NIAH, trained needle (flat colour; exact match of the generated colour; chance {trained['chance']:.0%}):"
+    )
+    for frames, acc in trained["accuracy_by_frames"].items():
+        ratio = int(frames) / train_frames
+        tf = trained["accuracy_by_frames_teacher_forced"][frames]
+        print(f"  {int(frames):5d} frames ({ratio:g}x training length): {acc:.3f}  (teacher-forced {tf:.3f})")
+    print(f"  mean {trained['mean_accuracy']:.3f} over depths 0..100 %")
+    print(f"V-NIAH, held-out needles (never trained; mean chance {heldout['chance']:.0%}):")
+    for kind, result in heldout["kinds"].items():
+        print(
+            f"  {kind:13s} {result['mean_accuracy']:.3f}  (teacher-forced "
+            f"{result['mean_accuracy_teacher_forced']:.3f}; chance {result['chance']:.3f})"
+        )
+    print(f"  mean {heldout['mean_accuracy']:.3f}")
+    print(
+        f"report: {out / 'report.json'}  heat maps: {trained['heatmap']}, {heldout['heatmap']}  "
+        f"total {report['timings']['total_s']:.0f} s"
     )
 
 

@@ -7,6 +7,7 @@
 | passkey retrieval in filler text | passkey.jsonl | 4 context extension |
 | long-video needle QA (one flat-colour run in noise) | needle_qa.jsonl | 5 long SFT |
 | V-NIAH haystack video + needle images | vniah/needles.json | evaluation |
+| held-out V-NIAH needles (digits, shapes, words, two-needle) | `heldout_needles()` in memory | evaluation |
 
 Videos are H.264 MP4 (libx264, one thread, crf 10: needles are large flat colours, which survive
 coding). Same seed, same bytes: manifests always; videos too with this PyAV/x264 build (x264 with
@@ -302,7 +303,7 @@ def make_vniah(
     size: int = 64,
     num_needles: int = 10,
 ) -> Path:
-    """The V-NIAH haystack video and needle set (evaluation; REFERENCE.md "V-NIAH").
+    """The V-NIAH haystack video and needle set (evaluation; docs/evaluation.md).
 
     Writes vniah/haystack.mp4 (drifting colour fields with noise), vniah/needles/NN.png (a coloured
     digit on white) and vniah/needles.json: {"haystack", "fps", "needles": [{"image", "question",
@@ -341,6 +342,101 @@ def make_vniah(
     path = out / "needles.json"
     path.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out V-NIAH needles: images and questions that no training set here contains
+
+HELDOUT_WORDS = ("apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "house")
+"""Words the rendered-text needles spell (never in any caption, question or answer of the sets)."""
+HELDOUT_QUESTIONS = {
+    "digit": "What number is written in the image?",
+    "shape": "What shape is shown in the image? Answer with one word.",
+    "word": "What word is written in the image?",
+    "shape_colour": "What colour is the shape in the image? Answer with one word.",
+    "two_digits": "Two frames show a number. Which numbers, in order? Answer like 3 7.",
+    "digit_sum": "Two frames show a number. What is their sum?",
+}
+"""One question per held-out needle kind; none is a training question (the training sets ask about
+flat colour runs, moving shapes and pass keys)."""
+HELDOUT_CHANCE = {
+    "digit": 1 / 10,
+    "shape": 1 / len(SHAPES),
+    "word": 1 / len(HELDOUT_WORDS),
+    "shape_colour": 1 / (len(COLOURS) - 1),  # any colour but the white background
+    "two_digits": 1 / 100,
+    "digit_sum": 10 / 100,  # the likeliest sum (9) of two uniform digits
+}
+"""Accuracy of the best blind guess for each kind (answers drawn uniformly)."""
+MULTI_NEEDLE_KINDS = ("two_digits", "digit_sum")
+"""Kinds whose probe is two needle frames (multi-needle; the sum is a two-hop question)."""
+
+
+def render_word(word: str, size: int, colour: tuple[int, int, int] = (5, 5, 5)) -> np.ndarray:
+    """(size, size, 3) uint8: `word` in PIL's built-in bitmap font, scaled up (nearest) to span the
+    frame, dark on white, so the letters survive the tower's resize."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=10) if _pil_font_sizes() else ImageFont.load_default()
+    left, top, right, bottom = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), word, font=font)
+    canvas = Image.new("L", (right - left + 2, bottom - top + 2), 255)
+    ImageDraw.Draw(canvas).text((1 - left, 1 - top), word, fill=0, font=font)
+    scale = max(1, (size - 4) // canvas.width)
+    big = canvas.resize((canvas.width * scale, canvas.height * scale), Image.NEAREST)
+    image = np.full((size, size, 3), 255, dtype=np.uint8)
+    y0, x0 = (size - big.height) // 2, (size - big.width) // 2
+    ink = np.asarray(big) < 128
+    region = image[y0 : y0 + big.height, x0 : x0 + big.width]
+    region[ink[: region.shape[0], : region.shape[1]]] = colour
+    return image
+
+
+def _pil_font_sizes() -> bool:
+    """Pillow >= 10.1 scales its built-in font; older ones have one fixed bitmap size."""
+    import inspect
+
+    from PIL import ImageFont
+
+    return "size" in inspect.signature(ImageFont.load_default).parameters
+
+
+def digit_image(digit: int, colour: str, size: int) -> np.ndarray:
+    """A `colour` seven-segment `digit` on white, (size, size, 3) uint8."""
+    image = np.full((size, size, 3), 255, dtype=np.uint8)
+    return draw_digit(image, digit, COLOURS[colour])
+
+
+def shape_image(shape: str, colour: str, size: int) -> np.ndarray:
+    """A `colour` `shape` centred on white, (size, size, 3) uint8."""
+    image = np.full((size, size, 3), 255, dtype=np.uint8)
+    image[shape_mask(shape, size, size / 2, size / 2, size / 3)] = COLOURS[colour]
+    return image
+
+
+def heldout_needles(seed: int = 0, per_kind: int = 4, size: int = 64) -> dict[str, list[dict]]:
+    """Held-out V-NIAH probes, `per_kind` of each kind in HELDOUT_QUESTIONS: {kind: [{"images":
+    [uint8 (size, size, 3), ...], "question", "answer"}]}. One image per probe, two for the
+    MULTI_NEEDLE_KINDS (placed in that order in the video). Seeded; answers drawn uniformly."""
+    rng = np.random.default_rng([seed, 7919])  # a stream no training set draws from
+    colours = [c for c in COLOURS if c != "white"]
+    probes: dict[str, list[dict]] = {kind: [] for kind in HELDOUT_QUESTIONS}
+    for _ in range(per_kind):
+        digit, colour = int(rng.integers(10)), _pick(rng, colours)
+        probes["digit"].append({"images": [digit_image(digit, colour, size)], "answer": str(digit)})
+        shape, colour = _pick(rng, SHAPES), _pick(rng, colours)
+        probes["shape"].append({"images": [shape_image(shape, colour, size)], "answer": shape})
+        word = _pick(rng, HELDOUT_WORDS)
+        probes["word"].append({"images": [render_word(word, size)], "answer": word})
+        shape, colour = _pick(rng, SHAPES), _pick(rng, colours)
+        probes["shape_colour"].append({"images": [shape_image(shape, colour, size)], "answer": colour})
+        a, b = (int(d) for d in rng.integers(10, size=2))
+        pair = [digit_image(a, _pick(rng, colours), size), digit_image(b, _pick(rng, colours), size)]
+        probes["two_digits"].append({"images": pair, "answer": f"{a} {b}"})
+        probes["digit_sum"].append({"images": pair, "answer": str(a + b)})
+    for kind, items in probes.items():
+        for item in items:
+            item["question"] = HELDOUT_QUESTIONS[kind]
+    return probes
 
 
 # Sizes for generate_all: (full, quick).

@@ -1,7 +1,8 @@
 """Decode and sample video frames (PyAV by default; decord, torchcodec, OpenCV when installed).
 
 Sampling rules (LongVILA samples N frames uniformly over the whole video; REFERENCE.md):
-- **uniform** (`num_frames=N`): frame indices `floor(linspace(0, total - 1, N) + 0.5)` (round half up)
+- **uniform** (`num_frames=N`): frame indices `floor(linspace(0, total - 1, N) + 0.5)` (round half up;
+  `longvila.data.sampling.uniform_indices`, the rule arrays and every backend share)
   over the frames that exist, in presentation order. `total` is counted from the packet index, never
   taken from the header, so a wrong or missing header count (WebM has none) cannot shift the
   sample. When N > total, indices repeat, so the result always has exactly N frames.
@@ -31,6 +32,7 @@ import numpy as np
 
 from longvila.data import video_backends
 from longvila.data.errors import VideoDecodeError
+from longvila.data.sampling import uniform_indices  # the one rule (re-exported here)
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +62,6 @@ Timestamps = np.ndarray  # float64 seconds (T,), relative to the first frame
 
 # --------------------------------------------------------------------------------------------------
 # Sampling (pure functions of the frame timestamps)
-
-
-def uniform_indices(total: int, num_frames: int) -> np.ndarray:
-    """`num_frames` indices spread over `range(total)`: floor(linspace(0, total-1, N) + 0.5)."""
-    if total < 1:
-        raise ValueError(f"cannot sample from {total} frames")
-    if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    return np.floor(np.linspace(0, total - 1, num_frames) + 0.5).astype(np.int64)
 
 
 def sample_indices(

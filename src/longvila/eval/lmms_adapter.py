@@ -108,6 +108,7 @@ class LongVILALmms(lmms):
             do_sample=do_sample,
             temperature=temperature if do_sample else 1.0,
             top_p=float(gen_kwargs.get("top_p") or 1.0),
+            eos_token_id=self.processor.stop_token_ids,
         )
         text = self.processor.decode(new_ids[0])
         until = gen_kwargs.get("until") or []

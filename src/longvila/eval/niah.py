@@ -1,4 +1,4 @@
-"""Video needle in a haystack (V-NIAH), as LongVILA and LongVA run it (REFERENCE.md, "V-NIAH").
+"""Video needle in a haystack (V-NIAH), as LongVILA and LongVA run it (docs/evaluation.md).
 
 The haystack frames are encoded once (vision tower + projector) and cached; each needle image too. For
 N frames at depth d the input is built at the embedding level:
@@ -6,7 +6,8 @@ N frames at depth d the input is built at the embedding level:
     prompt + haystack[:round(d*N)] + needle + haystack[round(d*N):N] + question
 
 with every frame's tokens followed by the "\\n" embedding, exactly the layout the processor gives a
-video of N + 1 frames. Each cell is scored two ways:
+video of N + 1 frames. A multi-needle probe (K images) puts needle k before haystack frame
+round((d + k) / K * N), keeping the needles in order (`needle_positions`). Each cell is scored two ways:
 - generation (LongVILA): greedy decoding, exact match after lower-casing and removing spaces;
 - teacher forcing (LongVA): correct only if the argmax at every answer position is the answer token.
 
@@ -34,11 +35,16 @@ from longvila.config import IMAGE_TOKEN
 
 @dataclass
 class Needle:
-    """One needle: an image (uint8 (H, W, 3) or a path), the question asked after the video, the answer."""
+    """One probe: an image (uint8 (H, W, 3) or a path) or a list of them (a multi-needle probe: K
+    frames, placed in list order), the question asked after the video, and the answer."""
 
     image: Any
     question: str
     answer: str
+
+    @property
+    def images(self) -> list[Any]:
+        return list(self.image) if isinstance(self.image, (list, tuple)) else [self.image]
 
 
 @dataclass
@@ -87,13 +93,16 @@ def load_needles(path: str | Path) -> tuple[str, list[Needle]]:
     return str(path.parent / index["haystack"]), needles
 
 
-def _needle_pixels(processor, image: Any) -> torch.Tensor:
-    if isinstance(image, (str, Path)):
-        from longvila.data.image import load_image
+def _needle_pixels(processor, needle: Needle) -> torch.Tensor:
+    """A needle's K images -> (K, 3, S, S) normalised pixels."""
+    images = []
+    for image in needle.images:
+        if isinstance(image, (str, Path)):
+            from longvila.data.image import load_image
 
-        image = load_image(image)
-    image = np.asarray(image, dtype=np.uint8)
-    return processor.preprocess_frames(image[None] if image.ndim == 3 else image)
+            image = load_image(image)
+        images.append(np.asarray(image, dtype=np.uint8))
+    return processor.preprocess_frames(np.stack(images))
 
 
 @torch.no_grad()
@@ -190,17 +199,22 @@ def teacher_forced_correct(
     return bool((predicted == answer_ids).all())
 
 
-def _end_ids(model, processor) -> list[int]:
-    ids = {processor.im_end_id}
-    eos = getattr(model.llm.config, "eos_token_id", None)
-    ids.update([eos] if isinstance(eos, int) else list(eos or []))
-    return sorted(i for i in ids if i is not None)
+def needle_positions(num_frames: int, num_needles: int, depth: float) -> list[int]:
+    """Haystack cut points of K needles at `depth`: needle k goes before haystack frame
+    round((depth + k) / K * N), so one needle sits at round(depth * N) and K needles keep their
+    order, each sweeping its own 1/K of the video as the depth goes 0 -> 1."""
+    return [int(round((depth + k) / num_needles * num_frames)) for k in range(num_needles)]
 
 
 def insert_needle(haystack: torch.Tensor, needle: torch.Tensor, depth: float) -> torch.Tensor:
-    """(N, P, D) haystack and (1, P, D) needle -> (N + 1, P, D) with the needle at frame round(depth * N)."""
-    at = int(round(depth * haystack.shape[0]))
-    return torch.cat([haystack[:at], needle, haystack[at:]])
+    """(N, P, D) haystack and (K, P, D) needle frames -> (N + K, P, D), the needles at
+    `needle_positions(N, K, depth)` (K = 1: at frame round(depth * N))."""
+    cuts = needle_positions(haystack.shape[0], needle.shape[0], depth)
+    parts, start = [], 0
+    for k, at in enumerate(cuts):
+        parts += [haystack[start:at], needle[k : k + 1]]
+        start = at
+    return torch.cat(parts + [haystack[start:]])
 
 
 def _cell_path(out_dir: Path, frames: int, depth: float) -> Path:
@@ -257,9 +271,9 @@ def run_niah(
     was_training = model.training
     model.eval()
     haystack = encode_frames(model, processor, np.asarray(haystack_frames[:longest]), sp=sp)
-    needle_embeds = [model.encode_frames(_needle_pixels(processor, n.image)) for n in needles]
+    needle_embeds = [model.encode_frames(_needle_pixels(processor, n)) for n in needles]
     builders: dict[str, PromptBuilder] = {}
-    end_ids = _end_ids(model, processor)
+    end_ids = processor.stop_token_ids
     cells = []
     total = len(frame_counts) * len(depths)
     for i, (depth, frames) in enumerate((d, f) for d in depths for f in frame_counts):

@@ -201,7 +201,11 @@ def answer_question(
     ]
     sample = processor(messages, num_frames=num_frames, fps=fps, max_frames=max_frames)
     new_ids = model.generate(
-        **processor.collate([sample]), max_new_tokens=max_new_tokens, do_sample=False, sp=sp
+        **processor.collate([sample]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=processor.stop_token_ids,
+        sp=sp,
     )
     response = processor.decode(new_ids[0])
     return response, extract_letter(response, question.options)

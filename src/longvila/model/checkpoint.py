@@ -90,6 +90,8 @@ def save_pretrained(model, path: str | Path, *, processor=None, max_shard_size: 
         config = model.config
         config.llm = {**model.llm.config.to_dict(), "model_type": model.llm.config.model_type}
         config.llm.pop("_attn_implementation_autoset", None)
+        if processor is not None:  # the processor owns the stop ids; `generate` defaults to them
+            config.extra = {**config.extra, "eos_token_id": processor.stop_token_ids}
         config.save(tmp / CONFIG_NAME)
         state = model_state_for_saving(model)
         split = split_torch_state_dict_into_shards(

@@ -96,8 +96,8 @@ class _Row:
 
 
 def stop_token_ids(model, processor) -> set[int]:
-    """End of turn, padding, and the model config's end-of-sequence ids."""
-    stops = {int(processor.im_end_id), int(processor.pad_token_id)}
+    """The processor's stop ids (end of turn, EOS, padding) and the model config's end-of-sequence ids."""
+    stops = set(processor.stop_token_ids)
     eos = model.config.extra.get("eos_token_id") or getattr(model.llm.config, "eos_token_id", None)
     if eos is not None:
         stops.update([int(eos)] if isinstance(eos, int) else [int(x) for x in eos])

@@ -211,6 +211,17 @@ class Trainer:
         frames = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
         return float(out.loss.detach()), batch["input_ids"].numel(), frames
 
+    def _global_loss(self, loss: float) -> float:
+        """The logged loss of the whole global batch: the mean over data-parallel replicas of their
+        losses, as the gradients are averaged (rank 0's own share alone is not the batch's loss)."""
+        if self.dp_degree == 1:
+            return loss
+        import torch.distributed as dist
+
+        total = torch.tensor([loss], dtype=torch.float64, device=self.dist.device)
+        dist.all_reduce(total, group=self.sp.dp_group if self.sp is not None else None)
+        return float(total.item()) / self.dp_degree
+
     def _step(self, stream) -> tuple[dict[str, Any], ckpt.DataPosition]:
         start = time.perf_counter()
         losses, tokens, frames = [], 0, 0
@@ -233,7 +244,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         record = {
-            "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "loss": self._global_loss(sum(losses) / len(losses) if losses else float("nan")),
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens": tokens,
