@@ -125,7 +125,11 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 
                 stream = container.add_stream("libx264", rate=fps, options=opts)
                 stream.height, stream.width = rgb.shape[:2]
                 stream.pix_fmt = "yuv420p"
+            # Convert to the encoder's format here: left to `encode`, PyAV's RGB -> YUV conversion gave
+            # slightly different pixels from run to run on the same frames (seen with PyAV 18.1), and
+            # byte-identical sets per seed would not hold.
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame = frame.reformat(format="yuv420p")
             frame.pts = i
             for packet in stream.encode(frame):
                 container.mux(packet)
