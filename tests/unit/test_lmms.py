@@ -75,6 +75,7 @@ def plugin_path(root: Path) -> str:
     return str(info.parent)
 
 
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 ERROR_LINE = re.compile(r"(Traceback|Error|Exception)\b")
 
 
@@ -87,7 +88,7 @@ def lmms_results_file(out_dir: Path, result: subprocess.CompletedProcess) -> Pat
     found = sorted(out_dir.rglob("*_results.json"))
     if len(found) == 1:
         return found[0]
-    output = result.stdout + result.stderr
+    output = ANSI_COLOUR.sub("", result.stdout + result.stderr)
     errors = [line.strip() for line in output.splitlines() if ERROR_LINE.search(line)]
     cause = (
         "\n".join(errors[-8:]) if errors else "(no error line printed; last output below)\n" + output[-2000:]
