@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
@@ -269,3 +270,109 @@ def test_load_image_honours_exif_orientation(tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ImageDecodeError, match="bad.png"):
         load_image(tmp_path / "bad.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast paths (non-reference frames skipped, seek runs on parallel decoders, frame threading)
+# must return exactly the frames of a plain one-pass decode.
+
+B_FRAMES = {"mpeg4": {"bf": "2"}}  # x264 (veryfast) and x265 (ultrafast) use B-frames by default
+_TEXTURE = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+
+
+def _textured_frame(i: int) -> np.ndarray:
+    """The index code under a panning noise texture: every frame predicts from its neighbours, so
+    decoding from a wrong reference shows in the pixels."""
+    texture = np.roll(_TEXTURE, i, axis=1)[:, :64].astype(np.uint16)
+    return (code_frame(i).astype(np.uint16) * 3 // 5 + texture * 2 // 5).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("textured")
+    return {
+        codec: write_video(
+            root / f"{codec}{CODECS[codec][0]}",
+            60,
+            codec,
+            options=B_FRAMES.get(codec),
+            frame_fn=_textured_frame,
+        )
+        for codec in available_encoders()
+    }
+
+
+def _one_pass(path: Path) -> np.ndarray:
+    """Every frame, decoded in order with nothing skipped, converted as PyAV converts by default."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+@pytest.mark.parametrize(
+    "strategy,workers,frame_threading",
+    [
+        ("seek", 1, False),
+        ("seek", 3, False),
+        ("seek", 1, True),
+        ("sequential", 1, False),
+        ("sequential", 1, True),
+    ],
+)
+def test_fast_paths_equal_one_pass_decode(textured, monkeypatch, codec, strategy, workers, frame_threading):
+    if codec not in textured:
+        pytest.skip(f"no {codec} encoder in this PyAV build")
+    monkeypatch.setattr(video_mod, "seek_workers", lambda: workers)
+    if frame_threading:
+        monkeypatch.setattr(video_mod, "FRAME_THREADING_MIN_PIXELS", 0)
+    reference = _one_pass(textured[codec])
+    assert len(reference) == 60
+    for n in (5, 13, 60, 90):
+        frames, _ = decode_frames(textured[codec], num_frames=n, strategy=strategy)
+        expected = reference[uniform_indices(60, n)]
+        assert frames.shape == expected.shape and np.array_equal(frames, expected), (codec, n)
+
+
+@pytest.mark.parametrize("codec", ["libx264", "libx265", "mpeg4"])
+def test_non_reference_frames_are_skipped(textured, codec):
+    """Decoding towards sparse targets skips frames nothing references: fewer frames come out of the
+    decoder than a full pass, and every target is among them."""
+    if codec not in textured:
+        pytest.skip(f"no {codec} encoder in this PyAV build")
+    info = probe_video(textured[codec])
+    targets = {int(info.pts[i]) for i in (0, 29, 59)}
+    decoder = video_mod._Decoder(str(textured[codec]), info, targets, "SLICE")
+    try:
+        out = [frame.pts for frame in decoder.frames()]
+    finally:
+        decoder.close()
+    if not video_mod.decoder_skips(info):
+        assert codec == "mpeg4" and info.missing_pts  # AVI without pts: nothing skipped
+        assert len(out) == 60
+        return
+    assert targets <= set(out) and len(out) < 60
+
+
+def test_seek_runs_and_their_split():
+    keyframe = np.zeros(1000, dtype=bool)
+    keyframe[::100] = True
+    targets = [5, 150, 160, 420, 430, 990]
+    plan = plan_decode(targets, keyframe, "seek")
+    runs = video_mod._seek_runs(targets, plan)
+    assert [t for run in runs for t, _ in run] == targets
+    assert all(run[0][1] >= 0 or i == 0 for i, run in enumerate(runs))
+    assert all(k == -1 for run in runs for _, k in run[1:])  # later targets of a run decode on
+    for parts in (1, 2, 3, 10):
+        groups = video_mod._split_runs(runs, parts)
+        assert [run for group in groups for run in group] == runs  # contiguous, all runs, in order
+        assert 1 <= len(groups) <= min(parts, len(runs))
+    even = [[(i * 100 + 50, i * 100)] for i in range(8)]
+    assert [len(g) for g in video_mod._split_runs(even, 2)] == [4, 4]
+
+
+def test_frame_threading_chosen_by_decoded_pixels(videos):
+    info = probe_video(videos["libx264"])
+    small = plan_decode(list(range(NUM)), info.keyframe)
+    assert video_mod.decoder_thread_type(info, small) == "SLICE"  # 47 frames of 64x64
+    big = dataclasses.replace(info, width=3840, height=2160)
+    assert video_mod.decoder_thread_type(big, small) == "AUTO"  # 47 frames of 4K: 390 Mpixels
