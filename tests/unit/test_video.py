@@ -9,6 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from _video_helpers import (
     CODECS,
     available_encoders,
@@ -376,3 +377,16 @@ def test_frame_threading_chosen_by_decoded_pixels(videos):
     assert video_mod.decoder_thread_type(info, small) == "SLICE"  # 47 frames of 64x64
     big = dataclasses.replace(info, width=3840, height=2160)
     assert video_mod.decoder_thread_type(big, small) == "AUTO"  # 47 frames of 4K: 390 Mpixels
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+@pytest.mark.parametrize("backend", ["pyav-cuda", "torchcodec-cuda"])
+def test_gpu_backends_say_what_is_missing_without_a_gpu(videos, backend):
+    if backend not in video_mod._BACKENDS:
+        pytest.fail(f"{backend} is not registered")
+    if backend not in available_backends():  # FFmpeg without CUDA, or torchcodec absent
+        with pytest.raises(ValueError, match="not installed"):
+            decode_frames(videos["libx264"], num_frames=4, backend=backend)
+        return
+    with pytest.raises(RuntimeError, match=r"libx264\.mp4.*(NVIDIA GPU|CUDA).*backend='pyav'"):
+        decode_frames(videos["libx264"], num_frames=4, backend=backend)

@@ -30,6 +30,7 @@ from fractions import Fraction
 
 import av
 import numpy as np
+from av.codec.hwaccel import HWAccel, hwdevices_available
 from av.video.reformatter import VideoReformatter
 
 from longvila.data import video_backends
@@ -235,7 +236,7 @@ class VideoInfo:
         return (self.pts - self.pts[0]).astype(np.float64) * float(self.time_base)
 
 
-def _open(path: str) -> av.container.InputContainer:
+def _open(path: str, hwaccel: str | None = None) -> av.container.InputContainer:
     if not os.path.exists(path):
         raise FileNotFoundError(f"video not found: {path}")
     if os.path.isdir(path):
@@ -243,7 +244,8 @@ def _open(path: str) -> av.container.InputContainer:
     if os.path.getsize(path) == 0:
         raise VideoDecodeError(f"{path}: file is empty")
     try:
-        container = av.open(path, metadata_errors="ignore")
+        accel = None if hwaccel is None else HWAccel(device_type=hwaccel, allow_software_fallback=False)
+        container = av.open(path, metadata_errors="ignore", hwaccel=accel)
     except av.error.FFmpegError as exc:
         raise VideoDecodeError(f"{path}: cannot be read as a video ({exc})") from exc
     if not container.streams.video:
@@ -412,8 +414,10 @@ class _Decoder:
     a full decode.
     """
 
-    def __init__(self, path: str, info: VideoInfo, target_pts: set[int], thread_type: str):
-        self.container = _open(path)
+    def __init__(
+        self, path: str, info: VideoInfo, target_pts: set[int], thread_type: str, hwaccel: str | None = None
+    ):
+        self.container = _open(path, hwaccel)
         self.stream = self.container.streams.video[0]
         self.stream.thread_type = thread_type
         self.context = self.stream.codec_context
@@ -497,12 +501,17 @@ def _split_runs(runs: list[list[tuple[int, int]]], parts: int) -> list[list[list
 
 
 def _seek_group(
-    path: str, info: VideoInfo, runs: list[list[tuple[int, int]]], sink: _FrameSink, thread_type: str
+    path: str,
+    info: VideoInfo,
+    runs: list[list[tuple[int, int]]],
+    sink: _FrameSink,
+    thread_type: str,
+    hwaccel: str | None = None,
 ) -> bool:
     """Decode `runs` with one container of its own into `sink`; False if the file misbehaves (a
     seek lands past its target, frames without timestamps, or frames run out)."""
     pts = info.pts
-    decoder = _Decoder(path, info, {int(pts[t]) for run in runs for t, _ in run}, thread_type)
+    decoder = _Decoder(path, info, {int(pts[t]) for run in runs for t, _ in run}, thread_type, hwaccel)
     reformatter = VideoReformatter()
     try:
         for run in runs:
@@ -524,17 +533,25 @@ def _seek_group(
         decoder.close()
 
 
-def _seek(path: str, info: VideoInfo, targets: Sequence[int], plan: DecodePlan, sink: _FrameSink) -> bool:
+def _seek(
+    path: str,
+    info: VideoInfo,
+    targets: Sequence[int],
+    plan: DecodePlan,
+    sink: _FrameSink,
+    hwaccel: str | None,
+) -> bool:
     """Fetch the targets by seeking as planned, the runs split over `seek_workers()` threads, each
     with its own container and a single-threaded (slice-threaded) decoder: runs that start at
     different keyframes share nothing, so this parallelises without frame threading's per-frame
     state copies and pipeline refills. False if the file misbehaves (then go sequential)."""
     runs = _seek_runs(targets, plan)
-    groups = _split_runs(runs, min(seek_workers(), len(runs)))
+    workers = 1 if hwaccel else min(seek_workers(), len(runs))  # one device decoder does it all
+    groups = _split_runs(runs, workers)
     if len(groups) == 1:
-        return _seek_group(path, info, groups[0], sink, decoder_thread_type(info, plan))
+        return _seek_group(path, info, groups[0], sink, decoder_thread_type(info, plan), hwaccel)
     with ThreadPoolExecutor(len(groups)) as pool:
-        results = list(pool.map(lambda g: _seek_group(path, info, g, sink, "SLICE"), groups))
+        results = list(pool.map(lambda g: _seek_group(path, info, g, sink, "SLICE", hwaccel), groups))
     return all(results)
 
 
@@ -548,13 +565,18 @@ def _looks_truncated(info: VideoInfo) -> bool:
 
 
 def _fetch_sequential(
-    path: str, info: VideoInfo, indices: np.ndarray, thread_type: str, skip: bool = True
+    path: str,
+    info: VideoInfo,
+    indices: np.ndarray,
+    thread_type: str,
+    hwaccel: str | None,
+    skip: bool = True,
 ) -> tuple[_FrameSink, int, list[str]]:
     """One pass collecting the frames at `indices`: (sink, last frame index decoded, decode errors).
     With `skip` False every frame is decoded, so the last index is the last frame that decodes."""
     targets = set(int(i) for i in indices)
     sink = _FrameSink(indices, info.rotation)
-    decoder = _Decoder(path, info, {int(info.pts[t]) for t in targets}, thread_type)
+    decoder = _Decoder(path, info, {int(info.pts[t]) for t in targets}, thread_type, hwaccel)
     decoder.skipping &= skip
     try:
         last = _sequential(decoder, info, sink)
@@ -563,11 +585,30 @@ def _fetch_sequential(
     return sink, last, decoder.errors
 
 
-def _decode_pyav(path: str, select: Selector, strategy: str) -> tuple[Frames, Timestamps]:
+def _check_hwaccel(path: str, hwaccel: str) -> None:
+    """Decode the first frame on the device, or raise a RuntimeError that says what is missing."""
+    try:
+        with _open(path, hwaccel) as container:
+            next(container.decode(video=0))
+    except (av.error.FFmpegError, StopIteration, ValueError) as exc:
+        raise RuntimeError(
+            f"{path}: cannot decode on the {hwaccel!r} device ({type(exc).__name__}: {exc}). GPU decoding "
+            "needs an NVIDIA GPU with NVDEC, its driver, and an FFmpeg build with CUDA (this FFmpeg "
+            f"supports {', '.join(hwdevices_available())}); use backend='pyav' to decode on the CPU"
+        ) from exc
+
+
+def _decode_pyav(
+    path: str, select: Selector, strategy: str, hwaccel: str | None = None
+) -> tuple[Frames, Timestamps]:
+    """The PyAV sampler: probe, plan, fetch (`hwaccel`: an FFmpeg device type such as "cuda" to
+    decode on the device; frames are downloaded for the RGB conversion)."""
     info = probe_video(path)
     if info.num_frames == 0:
         reason = f" ({info.scan_error})" if info.scan_error else ""
         raise VideoDecodeError(f"{path}: the video stream has no frames{reason}")
+    if hwaccel is not None:
+        _check_hwaccel(path, hwaccel)
     truncated = _looks_truncated(info)
     timestamps = info.timestamps
     indices = np.asarray(select(timestamps))
@@ -579,15 +620,17 @@ def _decode_pyav(path: str, select: Selector, strategy: str) -> tuple[Frames, Ti
     sink = None
     if plan.strategy == "seek":
         sink = _FrameSink(indices, info.rotation)
-        if not _seek(path, info, targets, plan, sink):
+        if not _seek(path, info, targets, plan, sink, hwaccel):
             sink = None
     if sink is None or not sink.complete:
-        sink, last_index, errors = _fetch_sequential(path, info, indices, thread_type)
+        sink, last_index, errors = _fetch_sequential(path, info, indices, thread_type, hwaccel)
         if not sink.complete:
             # The tail does not decode: sample again over the frames that do. Skipped frames
             # after the last target found are not seen, so count the decodable ones without skipping.
             if decoder_skips(info):
-                _, last_index, errors = _fetch_sequential(path, info, indices, thread_type, skip=False)
+                _, last_index, errors = _fetch_sequential(
+                    path, info, indices, thread_type, hwaccel, skip=False
+                )
             decodable = last_index + 1
             if decodable <= 0:
                 why = errors[-1] if errors else "decoder returned nothing"
@@ -595,7 +638,7 @@ def _decode_pyav(path: str, select: Selector, strategy: str) -> tuple[Frames, Ti
             truncated = True
             timestamps = timestamps[:decodable]
             indices = np.asarray(select(timestamps))
-            sink, _, _ = _fetch_sequential(path, info, indices, thread_type)
+            sink, _, _ = _fetch_sequential(path, info, indices, thread_type, hwaccel)
             if not sink.complete:
                 raise VideoDecodeError(f"{path}: frames stop decoding at random places")
     if truncated:
@@ -680,7 +723,13 @@ def _pyav_backend(path: str, select: Selector) -> tuple[Frames, Timestamps]:
     return _decode_pyav(path, select, "auto")
 
 
+def _pyav_cuda_backend(path: str, select: Selector) -> tuple[Frames, Timestamps]:
+    return _decode_pyav(path, select, "auto", hwaccel="cuda")
+
+
 register_backend("pyav", _pyav_backend)
 register_backend("decord", video_backends.decode_decord, _importable("decord"))
+register_backend("pyav-cuda", _pyav_cuda_backend, lambda: "cuda" in hwdevices_available())
 register_backend("torchcodec", video_backends.decode_torchcodec, _importable("torchcodec"))
+register_backend("torchcodec-cuda", video_backends.decode_torchcodec_cuda, _importable("torchcodec"))
 register_backend("opencv", video_backends.decode_opencv, _importable("cv2"))
