@@ -14,7 +14,9 @@ Sampling rules (LongVILA samples N frames uniformly over the whole video; REFERE
 How frames are fetched (PyAV): the packets are demuxed once without decoding (fast: no pixels are
 touched) to learn every frame's timestamp and which frames are keyframes. A cost model then picks
 between seeking to the keyframe before each target and decoding forward to it, and one sequential
-pass up to the last target (see `plan_decode`). Only the sampled frames are converted to RGB.
+pass up to the last target (see `plan_decode`). Seek runs are decoded by parallel threads, each with
+its own container; non-reference frames that are not targets are skipped by the decoder; only the
+sampled frames are converted to RGB, straight into the output array (docs/data.md, "How").
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ MAX_CONSECUTIVE_DECODE_ERRORS = 32
 # Threading (measured on the 2-core machine here; benchmarks/RESULTS.md, "Video decoding"):
 # - A seek plan's runs go to separate threads, each with its own container and a decoder without
 #   frame threading (`_seek`): independent GOPs parallelise perfectly, and frame threading costs
-#   ~12-18% more CPU per frame (state copies) and refills its pipeline after every seek.
+#   11-35% more CPU per frame on the real clips (state copies) and refills its pipeline after every seek.
 # - A one-pass decode can only be parallelised inside the decoder: frame threading ("AUTO") when
 #   the pass decodes at least FRAME_THREADING_MIN_PIXELS pixels (thread start-up and per-frame
 #   copies are not repaid below that: 250 frames of 640x272 H.264 took 0.23 s with slice threading,
