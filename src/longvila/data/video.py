@@ -344,10 +344,10 @@ class _FrameSink:
     """
 
     def __init__(self, indices: np.ndarray, rotation: int):
-        self.rows: dict[int, np.ndarray] = {}
+        rows: dict[int, list[int]] = {}
         for row, index in enumerate(np.asarray(indices).tolist()):
-            self.rows.setdefault(int(index), []).append(row)
-        self.rows = {k: np.asarray(v) for k, v in self.rows.items()}
+            rows.setdefault(int(index), []).append(row)
+        self.rows = {index: np.asarray(where) for index, where in rows.items()}  # frame -> output rows
         self.count = len(indices)
         self.rotation = rotation
         self.size: tuple[int, int] | None = None
@@ -410,8 +410,8 @@ class _Decoder:
     """One open container decoding towards target timestamps.
 
     Packets whose frame is not a target are sent with `skip_frame = "NONREF"`: the decoder parses
-    them but does not reconstruct frames that nothing references (about 45% of the frames of a
-    typical x264 stream with B-frames), so they are neither decoded nor returned. Target packets are
+    them but does not reconstruct frames that nothing references (115 of the 250 frames of the
+    x264 clip `bikes.mp4` with B-frames), so they are neither decoded nor returned. Target packets are
     decoded in full, and reference frames always are, so every returned frame is bit-identical to
     a full decode.
     """
@@ -466,7 +466,7 @@ def _sequential(decoder: _Decoder, info: VideoInfo, sink: _FrameSink) -> int:
     """One pass from the start into `sink`; returns the last frame index decoded (-1: none).
 
     Frames are matched by timestamp, falling back to counting for a frame without a known one
-    (skipping is off in that case: `VideoInfo.timestamps_complete` is False)."""
+    (never with skipping on, which needs every packet's pts: `VideoInfo.missing_pts == 0`)."""
     index_of = {int(p): i for i, p in enumerate(info.pts)}
     last_target = max(sink.rows)
     index = -1
