@@ -343,14 +343,16 @@ class _FrameSink:
     reformatter (a new swscale context, its tables and threads) for every frame.
     """
 
-    def __init__(self, indices: np.ndarray, rotation: int):
+    def __init__(self, indices: np.ndarray, rotation: int, size: tuple[int, int] | None = None):
         rows: dict[int, list[int]] = {}
         for row, index in enumerate(np.asarray(indices).tolist()):
             rows.setdefault(int(index), []).append(row)
         self.rows = {index: np.asarray(where) for index, where in rows.items()}  # frame -> output rows
         self.count = len(indices)
         self.rotation = rotation
-        self.size: tuple[int, int] | None = None
+        self.resize = size  # (width, height) after rotation, or None: the video's own size
+        self.interpolation = "BICUBIC" if size is not None else None  # None: PyAV's default
+        self.size: tuple[int, int] | None = None  # (width, height) the frames are converted to
         self.out: np.ndarray | None = None
         self.filled: set[int] = set()
         self._reformatter = VideoReformatter()
@@ -364,7 +366,9 @@ class _FrameSink:
                 if self.out is None:
                     self._first_frame(frame)
         w, h = self.size
-        rgb = (reformatter or self._reformatter).reformat(frame, width=w, height=h, format="rgb24")
+        rgb = (reformatter or self._reformatter).reformat(
+            frame, width=w, height=h, format="rgb24", interpolation=self.interpolation
+        )
         array = rgb.to_ndarray()  # a view of the converted frame (padding skipped), not a copy
         quarter_turns = int(round(self.rotation / 90)) % 4
         if quarter_turns:
@@ -380,13 +384,17 @@ class _FrameSink:
 
     def _first_frame(self, frame: av.VideoFrame) -> None:
         """Fix the rotation (the frame's display matrix wins over the stream's tag) and the size
-        every frame is converted to (the first target's), and allocate the output."""
+        every frame is converted to (the first target's, or the requested size turned back by
+        the rotation), and allocate the output."""
         frame_rotation = int(getattr(frame, "rotation", 0) or 0)
         if frame_rotation:
             self.rotation = frame_rotation
-        self.size = (frame.width, frame.height)
-        w, h = self.size
         turned = int(round(self.rotation / 90)) % 2 == 1
+        if self.resize is None:
+            self.size = (frame.width, frame.height)
+        else:
+            self.size = self.resize[::-1] if turned else self.resize
+        w, h = self.size
         self.out = np.empty((self.count, *((w, h) if turned else (h, w)), 3), dtype=np.uint8)
 
     @property
@@ -572,12 +580,13 @@ def _fetch_sequential(
     indices: np.ndarray,
     thread_type: str,
     hwaccel: str | None,
+    size: tuple[int, int] | None,
     skip: bool = True,
 ) -> tuple[_FrameSink, int, list[str]]:
     """One pass collecting the frames at `indices`: (sink, last frame index decoded, decode errors).
     With `skip` False every frame is decoded, so the last index is the last frame that decodes."""
     targets = set(int(i) for i in indices)
-    sink = _FrameSink(indices, info.rotation)
+    sink = _FrameSink(indices, info.rotation, size)
     decoder = _Decoder(path, info, {int(info.pts[t]) for t in targets}, thread_type, hwaccel)
     decoder.skipping &= skip
     try:
@@ -601,10 +610,15 @@ def _check_hwaccel(path: str, hwaccel: str) -> None:
 
 
 def _decode_pyav(
-    path: str, select: Selector, strategy: str, hwaccel: str | None = None
+    path: str,
+    select: Selector,
+    strategy: str,
+    hwaccel: str | None = None,
+    size: tuple[int, int] | None = None,
 ) -> tuple[Frames, Timestamps]:
     """The PyAV sampler: probe, plan, fetch (`hwaccel`: an FFmpeg device type such as "cuda" to
-    decode on the device; frames are downloaded for the RGB conversion)."""
+    decode on the device, frames downloaded for the RGB conversion; `size`: (width, height) of the
+    returned frames, resized while converting)."""
     info = probe_video(path)
     if info.num_frames == 0:
         reason = f" ({info.scan_error})" if info.scan_error else ""
@@ -621,17 +635,17 @@ def _decode_pyav(
 
     sink = None
     if plan.strategy == "seek":
-        sink = _FrameSink(indices, info.rotation)
+        sink = _FrameSink(indices, info.rotation, size)
         if not _seek(path, info, targets, plan, sink, hwaccel):
             sink = None
     if sink is None or not sink.complete:
-        sink, last_index, errors = _fetch_sequential(path, info, indices, thread_type, hwaccel)
+        sink, last_index, errors = _fetch_sequential(path, info, indices, thread_type, hwaccel, size)
         if not sink.complete:
             # The tail does not decode: sample again over the frames that do. Skipped frames
             # after the last target found are not seen, so count the decodable ones without skipping.
             if decoder_skips(info):
                 _, last_index, errors = _fetch_sequential(
-                    path, info, indices, thread_type, hwaccel, skip=False
+                    path, info, indices, thread_type, hwaccel, size, skip=False
                 )
             decodable = last_index + 1
             if decodable <= 0:
@@ -640,7 +654,7 @@ def _decode_pyav(
             truncated = True
             timestamps = timestamps[:decodable]
             indices = np.asarray(select(timestamps))
-            sink, _, _ = _fetch_sequential(path, info, indices, thread_type, hwaccel)
+            sink, _, _ = _fetch_sequential(path, info, indices, thread_type, hwaccel, size)
             if not sink.complete:
                 raise VideoDecodeError(f"{path}: frames stop decoding at random places")
     if truncated:
@@ -697,20 +711,25 @@ def decode_frames(
     backend: str = "pyav",
     *,
     strategy: str = "auto",
+    size: tuple[int, int] | None = None,
 ) -> tuple[Frames, Timestamps]:
     """Sample frames from a video: uniform `num_frames`, or `fps` capped by `max_frames`.
 
     Returns `frames` uint8 (T, H, W, 3), rotated as the file's display matrix says, and `timestamps`
     float64 seconds (T,) from the first frame. `strategy` ("auto", "seek", "sequential") forces how
-    the PyAV backend fetches frames. Raises FileNotFoundError for a missing file and
-    VideoDecodeError (a ValueError) for an unreadable file, one with no video stream, or one where
+    the PyAV backend fetches frames. `size=(width, height)` (opt-in, PyAV backends only) resizes the
+    frames with FFmpeg's bicubic scaler during the RGB conversion, several times cheaper than the
+    processor's resize of full-size frames but not identical to it (docs/data.md, "Resizing while
+    converting"); by default frames keep the video's size. Raises FileNotFoundError for a missing file
+    and VideoDecodeError (a ValueError) for an unreadable file, one with no video stream, or one where
     no frame decodes; a truncated file is sampled over the part that decodes, with a warning.
     """
     path = os.fspath(path)
     _check_sampling_args(num_frames, fps, max_frames)
+    size = _check_size(size)
     select = lambda ts: sample_indices(ts, num_frames, fps, max_frames)
     if backend == "pyav":
-        return _decode_pyav(path, select, strategy)
+        return _decode_pyav(path, select, strategy, size=size)
     if backend not in _BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; registered: {', '.join(_BACKENDS)}")
     entry = _BACKENDS[backend]
@@ -718,7 +737,26 @@ def decode_frames(
         raise ValueError(f"video backend {backend!r} is not installed; available: {available_backends()}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"video not found: {path}")
+    if backend == "pyav-cuda":
+        return _decode_pyav(path, select, strategy, hwaccel="cuda", size=size)
+    if size is not None:
+        raise ValueError(
+            f"size= (resizing while converting) needs backend 'pyav' or 'pyav-cuda', not {backend!r}"
+        )
     return entry.decode(path, select)
+
+
+def _check_size(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        width, height = (int(v) for v in size)
+        valid = (width, height) == tuple(size) and width > 0 and height > 0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"size must be (width, height), two positive integers; got {size!r}")
+    return width, height
 
 
 def _pyav_backend(path: str, select: Selector) -> tuple[Frames, Timestamps]:
