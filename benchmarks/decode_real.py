@@ -39,12 +39,12 @@ SUBSECTION = "### Real video: longvila vs decord, OpenCV (and torchcodec)"
 SHORT_SECONDS = 60.0  # below this, OpenCV's one pass is also timed
 EXCEPTED_SECONDS = 0.3  # the exception: clips decoded in under 0.3 s
 DEFAULT_VIDEOS = [
-    "bigbuckbunny_30min.mp4",
-    "bikes_20min.mp4",
-    "bikes_vp9_20min.webm",
     "bigbuckbunny.mp4",
     "bikes.mp4",
     "bikes_vp9.webm",
+    "bikes_20min.mp4",
+    "bikes_vp9_20min.webm",
+    "bigbuckbunny_30min.mp4",
 ]
 
 

@@ -44,16 +44,18 @@ log = logging.getLogger(__name__)
 SEEK_COST_FRAMES = 4
 # Give up on a file after this many consecutive packets fail to decode.
 MAX_CONSECUTIVE_DECODE_ERRORS = 32
-# Threading (measured on the 2-core machine here; benchmarks/RESULTS.md, "Video decoding"):
+# Threading (measured on the 2-core machine here, shared with other jobs; docs/data.md, "How"):
 # - A seek plan's runs go to separate threads, each with its own container and a decoder without
 #   frame threading (`_seek`): independent GOPs parallelise perfectly, and frame threading costs
-#   11-35% more CPU per frame on the real clips (state copies) and refills its pipeline after every seek.
+#   11-35% more CPU per frame on the real clips (state copies) and refills its pipeline after every
+#   seek. One thread more than the cores, as FFmpeg's own automatic thread count does, keeps every
+#   core busy while a thread holds the GIL or waits for the file.
 # - A one-pass decode can only be parallelised inside the decoder: frame threading ("AUTO") when
-#   the pass decodes at least FRAME_THREADING_MIN_PIXELS pixels (thread start-up and per-frame
-#   copies are not repaid below that: 250 frames of 640x272 H.264 took 0.23 s with slice threading,
-#   0.38 s with frame threading; a 1280x720 clip of 132 frames was faster with frame threading),
-#   slice threading below it.
-FRAME_THREADING_MIN_PIXELS = 100_000_000
+#   the pass decodes at least FRAME_THREADING_MIN_PIXELS pixels (median of 7 runs, 64 frames of the
+#   5-10 s real clips: 0.61 vs 1.46 s for 640x272 H.264, 1.29 vs 5.48 s for 1280x720, 0.21 vs 0.97 s
+#   for VP9, against slice threading, which leaves single-slice streams on one core), slice
+#   threading for tiny decodes, where starting the frame threads costs more than they save.
+FRAME_THREADING_MIN_PIXELS = 10_000_000
 MAX_SEEK_WORKERS = 4
 
 
@@ -65,8 +67,8 @@ def usable_cores() -> int:
 
 
 def seek_workers() -> int:
-    """Threads that decode a seek plan's runs at once: the usable cores, at most MAX_SEEK_WORKERS."""
-    return max(1, min(usable_cores(), MAX_SEEK_WORKERS))
+    """Threads that decode a seek plan's runs at once: usable cores + 1, at most MAX_SEEK_WORKERS."""
+    return max(1, min(usable_cores() + 1, MAX_SEEK_WORKERS))
 
 
 def decoder_thread_type(info: VideoInfo, plan: DecodePlan) -> str:
