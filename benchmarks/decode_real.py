@@ -306,6 +306,7 @@ ones converted), timed once. Each contender is called once untimed on the file b
   {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) at the end of the run, so absolute times vary between
   runs; the ratios are from the same rounds.
 - Command: `{command}`
+- GPU decoding (`backend="pyav-cuda"`, `"torchcodec-cuda"`) is not in the table: no GPU on this machine.
 """
     )
     print(body)
