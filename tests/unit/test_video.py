@@ -316,6 +316,7 @@ def _one_pass(path: Path) -> np.ndarray:
         ("seek", 1, False),
         ("seek", 3, False),
         ("seek", 1, True),
+        ("seek", 3, True),
         ("sequential", 1, False),
         ("sequential", 1, True),
     ],

@@ -45,16 +45,15 @@ SEEK_COST_FRAMES = 4
 # Give up on a file after this many consecutive packets fail to decode.
 MAX_CONSECUTIVE_DECODE_ERRORS = 32
 # Threading (measured on the 2-core machine here, shared with other jobs; docs/data.md, "How"):
-# - A seek plan's runs go to separate threads, each with its own container and a decoder without
-#   frame threading (`_seek`): independent GOPs parallelise perfectly, and frame threading costs
-#   11-35% more CPU per frame on the real clips (state copies) and refills its pipeline after every
-#   seek. One thread more than the cores, as FFmpeg's own automatic thread count does, keeps every
-#   core busy while a thread holds the GIL or waits for the file.
-# - A one-pass decode can only be parallelised inside the decoder: frame threading ("AUTO") when
-#   the pass decodes at least FRAME_THREADING_MIN_PIXELS pixels (median of 7 runs, 64 frames of the
-#   5-10 s real clips: 0.61 vs 1.46 s for 640x272 H.264, 1.29 vs 5.48 s for 1280x720, 0.21 vs 0.97 s
-#   for VP9, against slice threading, which leaves single-slice streams on one core), slice
-#   threading for tiny decodes, where starting the frame threads costs more than they save.
+# - A seek plan's runs go to usable cores + 1 threads (as FFmpeg's automatic thread count), each with
+#   its own container and decoder: runs that start at different keyframes share nothing.
+# - Each decoder uses frame threading ("AUTO") when the plan decodes at least
+#   FRAME_THREADING_MIN_PIXELS pixels, slice threading for tiny decodes, where starting the frame
+#   threads costs more than they save. Slice threading leaves a single-slice stream (most H.264) on
+#   one core: one pass over 64 frames of the 5-10 s real clips took 0.61 vs 1.46 s (640x272 H.264),
+#   1.29 vs 5.48 s (1280x720), 0.21 vs 0.97 s (VP9) with frame vs slice threading (medians of 7), and
+#   16 frames of the 30-minute 720p loop took 5.7-6.1 s with 3 frame-threaded seek threads against
+#   12.1-14.4 s with 3 slice-threaded ones, for the same CPU time.
 FRAME_THREADING_MIN_PIXELS = 10_000_000
 MAX_SEEK_WORKERS = 4
 
@@ -554,16 +553,16 @@ def _seek(
     hwaccel: str | None,
 ) -> bool:
     """Fetch the targets by seeking as planned, the runs split over `seek_workers()` threads, each
-    with its own container and a single-threaded (slice-threaded) decoder: runs that start at
-    different keyframes share nothing, so this parallelises without frame threading's per-frame
-    state copies and pipeline refills. False if the file misbehaves (then go sequential)."""
+    with its own container and decoder (threaded by `decoder_thread_type`): runs that start at
+    different keyframes share nothing. False if the file misbehaves (then go sequential)."""
     runs = _seek_runs(targets, plan)
     workers = 1 if hwaccel else min(seek_workers(), len(runs))  # one device decoder does it all
     groups = _split_runs(runs, workers)
     if len(groups) == 1:
         return _seek_group(path, info, groups[0], sink, decoder_thread_type(info, plan), hwaccel)
     with ThreadPoolExecutor(len(groups)) as pool:
-        results = list(pool.map(lambda g: _seek_group(path, info, g, sink, "SLICE", hwaccel), groups))
+        thread_type = decoder_thread_type(info, plan)
+        results = list(pool.map(lambda g: _seek_group(path, info, g, sink, thread_type, hwaccel), groups))
     return all(results)
 
 
