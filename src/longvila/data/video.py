@@ -15,20 +15,26 @@ Sampling rules (LongVILA samples N frames uniformly over the whole video; REFERE
 How frames are fetched (PyAV): the packets are demuxed once without decoding (fast: no pixels are
 touched) to learn every frame's timestamp and which frames are keyframes. A cost model then picks
 between seeking to the keyframe before each target and decoding forward to it, and one sequential
-pass up to the last target (see `plan_decode`). Only the sampled frames are converted to RGB.
+pass up to the last target (see `plan_decode`). Seek runs are decoded by parallel threads, each with
+its own container; non-reference frames that are not targets are skipped by the decoder; only the
+sampled frames are converted to RGB, straight into the output array (docs/data.md, "How").
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
 import av
 import numpy as np
+from av.codec.hwaccel import HWAccel, hwdevices_available
+from av.video.reformatter import VideoReformatter
 
 from longvila.data import video_backends
 from longvila.data.errors import VideoDecodeError
@@ -40,20 +46,37 @@ log = logging.getLogger(__name__)
 SEEK_COST_FRAMES = 4
 # Give up on a file after this many consecutive packets fail to decode.
 MAX_CONSECUTIVE_DECODE_ERRORS = 32
-# FFmpeg's frame threading ("AUTO") copies decoder state for every frame and refills its pipeline
-# after every seek; with fewer cores than this, slice threading decoded faster here (2 cores, 640x360
-# H.264: 0.28 vs 0.38 ms per frame in one pass, 28 vs 34 s for 1,024 frames of a 1-hour video).
-FRAME_THREADING_MIN_CORES = 4
+# Threading (measured on the 2-core machine here, shared with other jobs; docs/data.md, "How"):
+# - A seek plan's runs go to usable cores + 1 threads (as FFmpeg's automatic thread count), each with
+#   its own container and decoder: runs that start at different keyframes share nothing.
+# - Each decoder uses frame threading ("AUTO") when the plan decodes at least
+#   FRAME_THREADING_MIN_PIXELS pixels, slice threading for tiny decodes, where starting the frame
+#   threads costs more than they save. Slice threading leaves a single-slice stream (most H.264) on
+#   one core: one pass over 64 frames of the 5-10 s real clips took 0.61 vs 1.46 s (640x272 H.264),
+#   1.29 vs 5.48 s (1280x720), 0.21 vs 0.97 s (VP9) with frame vs slice threading (medians of 7), and
+#   16 frames of the 30-minute 720p loop took 5.7-6.1 s with 3 frame-threaded seek threads against
+#   12.1-14.4 s with 3 slice-threaded ones, for the same CPU time.
+FRAME_THREADING_MIN_PIXELS = 10_000_000
+MAX_SEEK_WORKERS = 4
 
 
-def decoder_thread_type() -> str:
-    """The FFmpeg threading `decode_frames` uses on this machine: "AUTO" (frame + slice) with at
-    least FRAME_THREADING_MIN_CORES usable cores, else "SLICE"."""
+def usable_cores() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return "AUTO" if cores >= FRAME_THREADING_MIN_CORES else "SLICE"
+        return os.cpu_count() or 1
+
+
+def seek_workers() -> int:
+    """Threads that decode a seek plan's runs at once: usable cores + 1, at most MAX_SEEK_WORKERS."""
+    return max(1, min(usable_cores() + 1, MAX_SEEK_WORKERS))
+
+
+def decoder_thread_type(info: VideoInfo, plan: DecodePlan) -> str:
+    """FFmpeg threading for a one-pass decode (or a seek plan with a single run): "AUTO" (frame +
+    slice) when the plan decodes at least FRAME_THREADING_MIN_PIXELS pixels, else "SLICE"."""
+    frames = min(plan.seek_cost, plan.sequential_cost) if plan.strategy == "seek" else plan.sequential_cost
+    return "AUTO" if frames * info.width * info.height >= FRAME_THREADING_MIN_PIXELS else "SLICE"
 
 
 Frames = np.ndarray  # uint8 (T, H, W, 3)
@@ -178,7 +201,8 @@ class VideoInfo:
     `estimated_frames` is that count, or duration × rate when it is 0 (an estimate: may be wrong).
     `pts` (sorted presentation timestamps in `time_base` units) and `keyframe` (per frame, in the
     same order) come from demuxing every packet, so `num_frames = len(pts)` is exact for an intact
-    file. `rotation` is the counter-clockwise display rotation in degrees (a multiple of 90).
+    file; `missing_pts` counts packets without a pts (their dts is used, or they are numbered after
+    the previous one). `rotation` is the counter-clockwise display rotation in degrees (a multiple of 90).
     """
 
     path: str
@@ -194,6 +218,7 @@ class VideoInfo:
     pts: np.ndarray
     keyframe: np.ndarray
     scan_error: str | None = None
+    missing_pts: int = 0
 
     @property
     def num_frames(self) -> int:
@@ -207,7 +232,7 @@ class VideoInfo:
         return (self.pts - self.pts[0]).astype(np.float64) * float(self.time_base)
 
 
-def _open(path: str) -> av.container.InputContainer:
+def _open(path: str, hwaccel: str | None = None) -> av.container.InputContainer:
     if not os.path.exists(path):
         raise FileNotFoundError(f"video not found: {path}")
     if os.path.isdir(path):
@@ -215,7 +240,8 @@ def _open(path: str) -> av.container.InputContainer:
     if os.path.getsize(path) == 0:
         raise VideoDecodeError(f"{path}: file is empty")
     try:
-        container = av.open(path, metadata_errors="ignore")
+        accel = None if hwaccel is None else HWAccel(device_type=hwaccel, allow_software_fallback=False)
+        container = av.open(path, metadata_errors="ignore", hwaccel=accel)
     except av.error.FFmpegError as exc:
         raise VideoDecodeError(f"{path}: cannot be read as a video ({exc})") from exc
     if not container.streams.video:
@@ -249,7 +275,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             duration = 0.0
         header_frames = int(stream.frames or 0)
         estimated = header_frames or int(round(duration * rate))
-        pts, keys, scan_error = _scan_packets(container, stream)
+        pts, keys, scan_error, missing = _scan_packets(container, stream)
         return VideoInfo(
             path=path,
             codec=ctx.name,
@@ -264,13 +290,15 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             pts=pts,
             keyframe=keys,
             scan_error=scan_error,
+            missing_pts=missing,
         )
     finally:
         container.close()
 
 
-def _scan_packets(container, stream) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """Presentation timestamps and keyframe flags of every video packet, sorted by timestamp."""
+def _scan_packets(container, stream) -> tuple[np.ndarray, np.ndarray, str | None, int]:
+    """Presentation timestamps and keyframe flags of every video packet, sorted by timestamp; the
+    demux error that stopped the scan (None if it finished) and the packets without a pts."""
     stamps: list[int] = []
     keys: list[bool] = []
     scan_error = None
@@ -279,10 +307,10 @@ def _scan_packets(container, stream) -> tuple[np.ndarray, np.ndarray, str | None
         for packet in container.demux(stream):
             if packet.size == 0:  # the flush packet at the end
                 continue
-            ts = packet.pts if packet.pts is not None else packet.dts
-            if ts is None:  # no timestamp at all: number it after the previous one
+            ts = packet.pts
+            if ts is None:  # use the dts, or number it after the previous one
                 missing += 1
-                ts = (stamps[-1] + 1) if stamps else 0
+                ts = packet.dts if packet.dts is not None else (stamps[-1] + 1) if stamps else 0
             stamps.append(int(ts))
             keys.append(bool(packet.is_keyframe))
     except av.error.FFmpegError as exc:  # truncated or damaged: keep what was read
@@ -291,102 +319,244 @@ def _scan_packets(container, stream) -> tuple[np.ndarray, np.ndarray, str | None
     pts = np.asarray(stamps, dtype=np.int64)[order]
     key = np.asarray(keys, dtype=bool)[order]
     if missing:
-        log.debug("%s: %d packets without timestamps", container.name, missing)
-    return pts, key, scan_error
+        log.debug("%s: %d packets without a pts", container.name, missing)
+    return pts, key, scan_error, missing
 
 
 # --------------------------------------------------------------------------------------------------
 # Decoding with PyAV
 
 
-def _iter_frames(container, stream, errors: list[str]):
-    """Decoded frames in presentation order; packets that fail to decode are skipped and noted."""
-    consecutive = 0
-    try:
-        for packet in container.demux(stream):
-            try:
-                frames = stream.decode(packet)
-            except av.error.FFmpegError as exc:
-                errors.append(str(exc))
-                consecutive += 1
-                if consecutive > MAX_CONSECUTIVE_DECODE_ERRORS:
-                    return
-                continue
-            consecutive = 0
-            yield from frames
-    except av.error.FFmpegError as exc:  # demuxing stopped (truncated file)
-        errors.append(str(exc))
+class _FrameSink:
+    """The output array, filled in place: each decoded target is converted to RGB once and copied
+    into every row that samples it (repeats included), so no per-frame array is kept and nothing
+    is stacked at the end.
+
+    The RGB conversion is PyAV's `to_ndarray(format="rgb24")` (swscale, bilinear flags, the frame's
+    own size), done by one `VideoReformatter` for all frames: `VideoFrame.to_ndarray` builds a new
+    reformatter (a new swscale context, its tables and threads) for every frame.
+    """
+
+    def __init__(self, indices: np.ndarray, rotation: int, size: tuple[int, int] | None = None):
+        rows: dict[int, list[int]] = {}
+        for row, index in enumerate(np.asarray(indices).tolist()):
+            rows.setdefault(int(index), []).append(row)
+        self.rows = {index: np.asarray(where) for index, where in rows.items()}  # frame -> output rows
+        self.count = len(indices)
+        self.rotation = rotation
+        self.resize = size  # (width, height) after rotation, or None: the video's own size
+        self.interpolation = "BICUBIC" if size is not None else None  # None: PyAV's default
+        self.size: tuple[int, int] | None = None  # (width, height) the frames are converted to
+        self.out: np.ndarray | None = None
+        self.filled: set[int] = set()
+        self._reformatter = VideoReformatter()
+        self._lock = threading.Lock()
+
+    def put(self, index: int, frame: av.VideoFrame, reformatter: VideoReformatter | None = None) -> None:
+        """Convert `frame` (the video's frame `index`) and write it to its rows. Threads that fill
+        one sink at once pass a reformatter each."""
+        if self.out is None:
+            with self._lock:
+                if self.out is None:
+                    self._first_frame(frame)
+        w, h = self.size
+        rgb = (reformatter or self._reformatter).reformat(
+            frame, width=w, height=h, format="rgb24", interpolation=self.interpolation
+        )
+        array = rgb.to_ndarray()  # a view of the converted frame (padding skipped), not a copy
+        quarter_turns = int(round(self.rotation / 90)) % 4
+        if quarter_turns:
+            array = np.rot90(array, k=quarter_turns)
+        if array.shape != self.out.shape[1:]:
+            raise VideoDecodeError(f"frame {index} converts to {array.shape}, not {self.out.shape[1:]}")
+        rows = self.rows[index]
+        if len(rows) == 1:
+            self.out[rows[0]] = array
+        else:
+            self.out[rows] = array
+        self.filled.add(index)
+
+    def _first_frame(self, frame: av.VideoFrame) -> None:
+        """Fix the rotation (the frame's display matrix wins over the stream's tag) and the size
+        every frame is converted to (the first target's, or the requested size turned back by
+        the rotation), and allocate the output."""
+        frame_rotation = int(getattr(frame, "rotation", 0) or 0)
+        if frame_rotation:
+            self.rotation = frame_rotation
+        turned = int(round(self.rotation / 90)) % 2 == 1
+        if self.resize is None:
+            self.size = (frame.width, frame.height)
+        else:
+            self.size = self.resize[::-1] if turned else self.resize
+        w, h = self.size
+        self.out = np.empty((self.count, *((w, h) if turned else (h, w)), 3), dtype=np.uint8)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.filled) == len(self.rows)
 
 
-class _Fetcher:
-    """Collects target frames (by presentation timestamp) from one open container."""
+# Codecs whose FFmpeg decoders honour `skip_frame` per packet and skip only frames that no other
+# frame references (H.264/HEVC: nal_ref_idc 0 / sub-layer non-reference NAL units; MPEG-4: B-VOPs).
+# libdav1d reads the setting once when it opens, so AV1 is left out; VP9 streams rarely have
+# non-reference frames. tests/unit/test_video.py checks the frames equal a full decode per codec.
+SKIP_NONREF_CODECS = frozenset({"h264", "hevc", "mpeg4"})
 
-    def __init__(self, path: str, info: VideoInfo):
-        self.path = path
-        self.info = info
-        self.container = _open(path)
+
+def decoder_skips(info: VideoInfo) -> bool:
+    """Whether non-target, non-reference frames of this video are skipped (see `_Decoder`)."""
+    return info.codec in SKIP_NONREF_CODECS and info.missing_pts == 0
+
+
+class _Decoder:
+    """One open container decoding towards target timestamps.
+
+    Packets whose frame is not a target are sent with `skip_frame = "NONREF"`: the decoder parses
+    them but does not reconstruct frames that nothing references (115 of the 250 frames of the
+    x264 clip `bikes.mp4` with B-frames), so they are neither decoded nor returned. Target packets are
+    decoded in full, and reference frames always are, so every returned frame is bit-identical to
+    a full decode.
+    """
+
+    def __init__(
+        self, path: str, info: VideoInfo, target_pts: set[int], thread_type: str, hwaccel: str | None = None
+    ):
+        self.container = _open(path, hwaccel)
         self.stream = self.container.streams.video[0]
-        self.stream.thread_type = decoder_thread_type()
+        self.stream.thread_type = thread_type
+        self.context = self.stream.codec_context
         self.errors: list[str] = []
-        self.rotation = info.rotation
-        self._rotation_read = False
-        self.size: tuple[int, int] | None = None
+        self.target_pts = target_pts
+        self.skipping = decoder_skips(info)
+        self._skip_mode = "DEFAULT"
 
     def close(self) -> None:
         self.container.close()
 
-    def to_rgb(self, frame) -> np.ndarray:
-        if not self._rotation_read:
-            self._rotation_read = True
-            frame_rotation = int(getattr(frame, "rotation", 0) or 0)
-            if frame_rotation:
-                self.rotation = frame_rotation
-        if self.size is None:
-            self.size = (frame.width, frame.height)
-        w, h = self.size
-        array = frame.to_ndarray(format="rgb24", width=w, height=h)
-        quarter_turns = int(round(self.rotation / 90)) % 4
-        if quarter_turns:
-            array = np.ascontiguousarray(np.rot90(array, k=quarter_turns))
-        return array
+    def _set_skip(self, packet: av.Packet) -> None:
+        mode = "NONREF" if packet.pts is not None and packet.pts not in self.target_pts else "DEFAULT"
+        if mode != self._skip_mode:
+            self.context.skip_frame = mode
+            self._skip_mode = mode
 
-    def sequential(self, targets: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
-        """One pass from the start; returns the frames found and the last frame index decoded."""
-        index_of = {int(p): i for i, p in enumerate(self.info.pts)}
-        wanted = set(int(t) for t in targets)
-        last_target = max(wanted)
-        found: dict[int, np.ndarray] = {}
-        index = -1
-        for frame in _iter_frames(self.container, self.stream, self.errors):
-            # Match by timestamp; fall back to counting when a frame has none we know.
-            by_pts = index_of.get(frame.pts) if frame.pts is not None else None
-            index = by_pts if by_pts is not None and by_pts > index else index + 1
-            if index in wanted and index not in found:
-                found[index] = self.to_rgb(frame)
-            if index >= last_target and len(found) == len(wanted):
-                break
-        return found, index
+    def frames(self):
+        """Decoded frames in presentation order from the current position; packets that fail to
+        decode are skipped and noted (give up after MAX_CONSECUTIVE_DECODE_ERRORS in a row)."""
+        consecutive = 0
+        try:
+            for packet in self.container.demux(self.stream):
+                if self.skipping:
+                    self._set_skip(packet)
+                try:
+                    frames = self.stream.decode(packet)
+                except av.error.FFmpegError as exc:
+                    self.errors.append(str(exc))
+                    consecutive += 1
+                    if consecutive > MAX_CONSECUTIVE_DECODE_ERRORS:
+                        return
+                    continue
+                consecutive = 0
+                yield from frames
+        except av.error.FFmpegError as exc:  # demuxing stopped (truncated file)
+            self.errors.append(str(exc))
 
-    def seek(self, targets: Sequence[int], plan: DecodePlan) -> dict[int, np.ndarray] | None:
-        """Seek to keyframes as planned; None if the file misbehaves (then go sequential)."""
-        pts = self.info.pts
-        found: dict[int, np.ndarray] = {}
-        frames = None
-        for t, k in zip(targets, plan.seek_from):
-            if k >= 0 or frames is None:
-                if k >= 0:
-                    self.container.seek(int(pts[k]), stream=self.stream, backward=True, any_frame=False)
-                frames = _iter_frames(self.container, self.stream, self.errors)
-            target_pts = int(pts[t])
-            for frame in frames:
-                if frame.pts is None or frame.pts > target_pts:
-                    return None  # no timestamps, or the seek landed past the target
-                if frame.pts == target_pts:
-                    found[t] = self.to_rgb(frame)
-                    break
-            else:
-                return None  # ran out of frames before the target
-        return found
+    def seek_to(self, pts: int) -> None:
+        self.container.seek(pts, stream=self.stream, backward=True, any_frame=False)
+
+
+def _sequential(decoder: _Decoder, info: VideoInfo, sink: _FrameSink) -> int:
+    """One pass from the start into `sink`; returns the last frame index decoded (-1: none).
+
+    Frames are matched by timestamp, falling back to counting for a frame without a known one
+    (never with skipping on, which needs every packet's pts: `VideoInfo.missing_pts == 0`)."""
+    index_of = {int(p): i for i, p in enumerate(info.pts)}
+    last_target = max(sink.rows)
+    index = -1
+    for frame in decoder.frames():
+        by_pts = index_of.get(frame.pts) if frame.pts is not None else None
+        index = by_pts if by_pts is not None and by_pts > index else index + 1
+        if index in sink.rows and index not in sink.filled:
+            sink.put(index, frame)
+        if index >= last_target and sink.complete:
+            break
+    return index
+
+
+def _seek_runs(targets: Sequence[int], plan: DecodePlan) -> list[list[tuple[int, int]]]:
+    """The plan cut into runs: each starts with a seek (or, for the first, at the file's start) and
+    decodes on through its later targets. A run is a list of (target, keyframe or -1)."""
+    runs: list[list[tuple[int, int]]] = []
+    for t, k in zip(targets, plan.seek_from):
+        if k >= 0 or not runs:
+            runs.append([])
+        runs[-1].append((int(t), int(k)))
+    return runs
+
+
+def _split_runs(runs: list[list[tuple[int, int]]], parts: int) -> list[list[list[tuple[int, int]]]]:
+    """Contiguous groups of runs with about equal decoding work (frames from each run's keyframe,
+    or the file's start, to its last target)."""
+    work = np.asarray(
+        [run[-1][0] - max(run[0][1], 0) + 1 + SEEK_COST_FRAMES for run in runs], dtype=np.float64
+    )
+    middle = (np.cumsum(work) - work / 2) / work.sum() * parts
+    group = np.minimum(middle.astype(np.int64), parts - 1)
+    return [[run for run, g in zip(runs, group) if g == p] for p in range(parts) if np.any(group == p)]
+
+
+def _seek_group(
+    path: str,
+    info: VideoInfo,
+    runs: list[list[tuple[int, int]]],
+    sink: _FrameSink,
+    thread_type: str,
+    hwaccel: str | None = None,
+) -> bool:
+    """Decode `runs` with one container of its own into `sink`; False if the file misbehaves (a
+    seek lands past its target, frames without timestamps, or frames run out)."""
+    pts = info.pts
+    decoder = _Decoder(path, info, {int(pts[t]) for run in runs for t, _ in run}, thread_type, hwaccel)
+    reformatter = VideoReformatter()
+    try:
+        for run in runs:
+            if run[0][1] >= 0:
+                decoder.seek_to(int(pts[run[0][1]]))
+            frames = decoder.frames()
+            for t, _ in run:
+                target_pts = int(pts[t])
+                for frame in frames:
+                    if frame.pts is None or frame.pts > target_pts:
+                        return False
+                    if frame.pts == target_pts:
+                        sink.put(t, frame, reformatter)
+                        break
+                else:
+                    return False
+        return True
+    finally:
+        decoder.close()
+
+
+def _seek(
+    path: str,
+    info: VideoInfo,
+    targets: Sequence[int],
+    plan: DecodePlan,
+    sink: _FrameSink,
+    hwaccel: str | None,
+) -> bool:
+    """Fetch the targets by seeking as planned, the runs split over `seek_workers()` threads, each
+    with its own container and decoder (threaded by `decoder_thread_type`): runs that start at
+    different keyframes share nothing. False if the file misbehaves (then go sequential)."""
+    runs = _seek_runs(targets, plan)
+    workers = 1 if hwaccel else min(seek_workers(), len(runs))  # one device decoder does it all
+    groups = _split_runs(runs, workers)
+    if len(groups) == 1:
+        return _seek_group(path, info, groups[0], sink, decoder_thread_type(info, plan), hwaccel)
+    with ThreadPoolExecutor(len(groups)) as pool:
+        thread_type = decoder_thread_type(info, plan)
+        results = list(pool.map(lambda g: _seek_group(path, info, g, sink, thread_type, hwaccel), groups))
+    return all(results)
 
 
 def _looks_truncated(info: VideoInfo) -> bool:
@@ -398,54 +568,96 @@ def _looks_truncated(info: VideoInfo) -> bool:
     return info.duration > 0 and covered < 0.9 * info.duration
 
 
-def _decode_pyav(path: str, select: Selector, strategy: str) -> tuple[Frames, Timestamps]:
+def _fetch_sequential(
+    path: str,
+    info: VideoInfo,
+    indices: np.ndarray,
+    thread_type: str,
+    hwaccel: str | None,
+    size: tuple[int, int] | None,
+    skip: bool = True,
+) -> tuple[_FrameSink, int, list[str]]:
+    """One pass collecting the frames at `indices`: (sink, last frame index decoded, decode errors).
+    With `skip` False every frame is decoded, so the last index is the last frame that decodes."""
+    targets = set(int(i) for i in indices)
+    sink = _FrameSink(indices, info.rotation, size)
+    decoder = _Decoder(path, info, {int(info.pts[t]) for t in targets}, thread_type, hwaccel)
+    decoder.skipping &= skip
+    try:
+        last = _sequential(decoder, info, sink)
+    finally:
+        decoder.close()
+    return sink, last, decoder.errors
+
+
+def _check_hwaccel(path: str, hwaccel: str) -> None:
+    """Decode the first frame on the device, or raise a RuntimeError that says what is missing."""
+    try:
+        with _open(path, hwaccel) as container:
+            next(container.decode(video=0))
+    except (av.error.FFmpegError, StopIteration, ValueError) as exc:
+        raise RuntimeError(
+            f"{path}: cannot decode on the {hwaccel!r} device ({type(exc).__name__}: {exc}). GPU decoding "
+            "needs an NVIDIA GPU with NVDEC, its driver, and an FFmpeg build with CUDA (this FFmpeg "
+            f"supports {', '.join(hwdevices_available())}); use backend='pyav' to decode on the CPU"
+        ) from exc
+
+
+def _decode_pyav(
+    path: str,
+    select: Selector,
+    strategy: str,
+    hwaccel: str | None = None,
+    size: tuple[int, int] | None = None,
+) -> tuple[Frames, Timestamps]:
+    """The PyAV sampler: probe, plan, fetch (`hwaccel`: an FFmpeg device type such as "cuda" to
+    decode on the device, frames downloaded for the RGB conversion; `size`: (width, height) of the
+    returned frames, resized while converting)."""
     info = probe_video(path)
     if info.num_frames == 0:
         reason = f" ({info.scan_error})" if info.scan_error else ""
         raise VideoDecodeError(f"{path}: the video stream has no frames{reason}")
+    if hwaccel is not None:
+        _check_hwaccel(path, hwaccel)
     truncated = _looks_truncated(info)
     timestamps = info.timestamps
-    indices = select(timestamps)
+    indices = np.asarray(select(timestamps))
     targets = sorted(set(int(i) for i in indices))
     plan = plan_decode(targets, info.keyframe, strategy)
-    log.debug("%s: %s", path, plan)
+    thread_type = decoder_thread_type(info, plan)
+    log.debug("%s: %s, %s threading", path, plan, thread_type)
 
-    found: dict[int, np.ndarray] | None = None
+    sink = None
     if plan.strategy == "seek":
-        fetcher = _Fetcher(path, info)
-        try:
-            found = fetcher.seek(targets, plan)
-        finally:
-            fetcher.close()
-    if found is None or len(found) < len(targets):
-        fetcher = _Fetcher(path, info)
-        try:
-            found, last_index = fetcher.sequential(targets)
-            if len(found) < len(targets):
-                # The tail does not decode: sample again over the frames that do.
-                decodable = last_index + 1
-                if decodable <= 0:
-                    why = fetcher.errors[-1] if fetcher.errors else "decoder returned nothing"
-                    raise VideoDecodeError(f"{path}: no frame decodes ({why})")
-                truncated = True
-                timestamps = timestamps[:decodable]
-                indices = select(timestamps)
-                targets = sorted(set(int(i) for i in indices))
-                fetcher.close()
-                fetcher = _Fetcher(path, info)
-                found, _ = fetcher.sequential(targets)
-                if len(found) < len(targets):
-                    raise VideoDecodeError(f"{path}: frames stop decoding at random places")
-        finally:
-            fetcher.close()
+        sink = _FrameSink(indices, info.rotation, size)
+        if not _seek(path, info, targets, plan, sink, hwaccel):
+            sink = None
+    if sink is None or not sink.complete:
+        sink, last_index, errors = _fetch_sequential(path, info, indices, thread_type, hwaccel, size)
+        if not sink.complete:
+            # The tail does not decode: sample again over the frames that do. Skipped frames
+            # after the last target found are not seen, so count the decodable ones without skipping.
+            if decoder_skips(info):
+                _, last_index, errors = _fetch_sequential(
+                    path, info, indices, thread_type, hwaccel, size, skip=False
+                )
+            decodable = last_index + 1
+            if decodable <= 0:
+                why = errors[-1] if errors else "decoder returned nothing"
+                raise VideoDecodeError(f"{path}: no frame decodes ({why})")
+            truncated = True
+            timestamps = timestamps[:decodable]
+            indices = np.asarray(select(timestamps))
+            sink, _, _ = _fetch_sequential(path, info, indices, thread_type, hwaccel, size)
+            if not sink.complete:
+                raise VideoDecodeError(f"{path}: frames stop decoding at random places")
     if truncated:
         of_header = f" of the {info.header_frames} in its header" if info.header_frames else ""
         warnings.warn(
             f"{path}: truncated or damaged: {len(timestamps)} frames decode{of_header}; sampled over those",
             stacklevel=3,
         )
-    frames = np.stack([found[int(i)] for i in indices])
-    return frames, timestamps[indices].astype(np.float64)
+    return sink.out, timestamps[indices].astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,20 +705,25 @@ def decode_frames(
     backend: str = "pyav",
     *,
     strategy: str = "auto",
+    size: tuple[int, int] | None = None,
 ) -> tuple[Frames, Timestamps]:
     """Sample frames from a video: uniform `num_frames`, or `fps` capped by `max_frames`.
 
     Returns `frames` uint8 (T, H, W, 3), rotated as the file's display matrix says, and `timestamps`
     float64 seconds (T,) from the first frame. `strategy` ("auto", "seek", "sequential") forces how
-    the PyAV backend fetches frames. Raises FileNotFoundError for a missing file and
-    VideoDecodeError (a ValueError) for an unreadable file, one with no video stream, or one where
+    the PyAV backend fetches frames. `size=(width, height)` (opt-in, PyAV backends only) resizes the
+    frames with FFmpeg's bicubic scaler during the RGB conversion, several times cheaper than the
+    processor's resize of full-size frames but not identical to it (docs/data.md, "Resizing while
+    converting"); by default frames keep the video's size. Raises FileNotFoundError for a missing file
+    and VideoDecodeError (a ValueError) for an unreadable file, one with no video stream, or one where
     no frame decodes; a truncated file is sampled over the part that decodes, with a warning.
     """
     path = os.fspath(path)
     _check_sampling_args(num_frames, fps, max_frames)
+    size = _check_size(size)
     select = lambda ts: sample_indices(ts, num_frames, fps, max_frames)
     if backend == "pyav":
-        return _decode_pyav(path, select, strategy)
+        return _decode_pyav(path, select, strategy, size=size)
     if backend not in _BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; registered: {', '.join(_BACKENDS)}")
     entry = _BACKENDS[backend]
@@ -514,14 +731,39 @@ def decode_frames(
         raise ValueError(f"video backend {backend!r} is not installed; available: {available_backends()}")
     if not os.path.exists(path):
         raise FileNotFoundError(f"video not found: {path}")
+    if backend == "pyav-cuda":
+        return _decode_pyav(path, select, strategy, hwaccel="cuda", size=size)
+    if size is not None:
+        raise ValueError(
+            f"size= (resizing while converting) needs backend 'pyav' or 'pyav-cuda', not {backend!r}"
+        )
     return entry.decode(path, select)
+
+
+def _check_size(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        width, height = (int(v) for v in size)
+        valid = (width, height) == tuple(size) and width > 0 and height > 0
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"size must be (width, height), two positive integers; got {size!r}")
+    return width, height
 
 
 def _pyav_backend(path: str, select: Selector) -> tuple[Frames, Timestamps]:
     return _decode_pyav(path, select, "auto")
 
 
+def _pyav_cuda_backend(path: str, select: Selector) -> tuple[Frames, Timestamps]:
+    return _decode_pyav(path, select, "auto", hwaccel="cuda")
+
+
 register_backend("pyav", _pyav_backend)
 register_backend("decord", video_backends.decode_decord, _importable("decord"))
+register_backend("pyav-cuda", _pyav_cuda_backend, lambda: "cuda" in hwdevices_available())
 register_backend("torchcodec", video_backends.decode_torchcodec, _importable("torchcodec"))
+register_backend("torchcodec-cuda", video_backends.decode_torchcodec_cuda, _importable("torchcodec"))
 register_backend("opencv", video_backends.decode_opencv, _importable("cv2"))

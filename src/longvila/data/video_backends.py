@@ -3,7 +3,8 @@
 Each takes a path and `select(timestamps_seconds) -> indices` and returns (frames uint8 (T, H, W, 3),
 timestamps seconds (T,)). `pip install longvila[video-backends]` brings OpenCV and decord (CI installs
 them; tests/unit/test_video.py compares each with PyAV on every codec); torchcodec needs the system's
-FFmpeg libraries and is tested only where it imports.
+FFmpeg libraries and is tested only where it imports. GPU decoding: "torchcodec-cuda" here, and
+"pyav-cuda" (PyAV's hwaccel) in `longvila.data.video`; both raise a RuntimeError without a GPU.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ def decode_decord(path: str, select: Selector) -> tuple[np.ndarray, np.ndarray]:
     return reader.get_batch(list(indices)).asnumpy(), timestamps[indices] - timestamps[0]
 
 
-def decode_torchcodec(path: str, select: Selector) -> tuple[np.ndarray, np.ndarray]:
+def decode_torchcodec(path: str, select: Selector, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     from torchcodec.decoders import VideoDecoder
 
     try:
-        decoder = VideoDecoder(path, dimension_order="NHWC")
+        decoder = VideoDecoder(path, dimension_order="NHWC", device=device)
     except Exception as exc:
         raise VideoDecodeError(f"{path}: torchcodec cannot read it ({exc})") from exc
     total = decoder.metadata.num_frames
@@ -41,7 +42,19 @@ def decode_torchcodec(path: str, select: Selector) -> tuple[np.ndarray, np.ndarr
     timestamps = np.arange(total, dtype=np.float64) / rate  # constant rate assumed by this backend
     indices = select(timestamps)
     batch = decoder.get_frames_at([int(i) for i in indices])
-    return batch.data.numpy(), timestamps[indices]
+    return batch.data.cpu().numpy(), timestamps[indices]
+
+
+def decode_torchcodec_cuda(path: str, select: Selector) -> tuple[np.ndarray, np.ndarray]:
+    """torchcodec's NVDEC decoder (`device="cuda"`); frames come back to the CPU as uint8."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"{path}: backend 'torchcodec-cuda' decodes on an NVIDIA GPU (NVDEC), and torch sees no CUDA "
+            "device here; use backend='pyav' or 'torchcodec' to decode on the CPU"
+        )
+    return decode_torchcodec(path, select, device="cuda")
 
 
 def decode_opencv(path: str, select: Selector) -> tuple[np.ndarray, np.ndarray]:
