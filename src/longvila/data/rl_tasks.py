@@ -7,13 +7,15 @@ Two tasks, each made from `(seed, split, index)` alone so that any order, worker
 - `order`: two flat-colour frames in grey noise; "Which colour comes first?" with two lettered options in
   random order; the answer is a letter (checked as a multiple-choice letter).
 
-The `train` and `heldout` splits draw from separate seed streams, so held-out videos never occur in
-training. `labelled_example` gives the target text of a question in the reasoning format
+The `train` and `heldout` splits draw from separate seed streams and, more strictly, from disjoint
+halves of the video space (a question's content signature -- its colour sequence and positions -- has a
+CRC parity per split; draws of the other parity are rejected), so no held-out video occurs in training. `labelled_example` gives the target text of a question in the reasoning format
 `<think>...</think><answer>...</answer>` (the cold-start SFT that precedes RL).
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,25 +59,34 @@ def _flat(colour: str, size: int) -> np.ndarray:
     return np.broadcast_to(np.array(COLOURS[colour], dtype=np.uint8), (size, size, 3)).copy()
 
 
-def count_question(rng: np.random.Generator, num_frames: int, size: int) -> RLQuestion:
+def _in_split(signature: str, parity: int) -> bool:
+    return zlib.crc32(signature.encode()) % 2 == parity
+
+
+def count_question(rng: np.random.Generator, num_frames: int, size: int, parity: int) -> RLQuestion:
     """`num_frames` flat frames, k of them red (k uniform in 0..num_frames), the rest other colours."""
     others = [c for c in COLOURS if c != COUNT_COLOUR]
-    count = int(rng.integers(num_frames + 1))
-    is_red = np.zeros(num_frames, dtype=bool)
-    is_red[rng.choice(num_frames, size=count, replace=False)] = True
-    frames = np.stack(
-        [_flat(COUNT_COLOUR if red else others[int(rng.integers(len(others)))], size) for red in is_red]
-    )
+    while True:
+        count = int(rng.integers(num_frames + 1))
+        is_red = np.zeros(num_frames, dtype=bool)
+        is_red[rng.choice(num_frames, size=count, replace=False)] = True
+        names = [COUNT_COLOUR if red else others[int(rng.integers(len(others)))] for red in is_red]
+        if _in_split(",".join(names), parity):
+            break
+    frames = np.stack([_flat(name, size) for name in names])
     return RLQuestion(frames, COUNT_QUESTION, str(count), "exact", "count")
 
 
-def order_question(rng: np.random.Generator, num_frames: int, size: int) -> RLQuestion:
+def order_question(rng: np.random.Generator, num_frames: int, size: int, parity: int) -> RLQuestion:
     """Two distinct flat colours at two distinct positions in noise; ask which comes first."""
     if num_frames < 2:
         raise ValueError(f"the order task needs at least 2 frames, got num_frames={num_frames}")
     names = list(COLOURS)
-    first, second = (names[int(i)] for i in rng.choice(len(names), size=2, replace=False))
-    where = np.sort(rng.choice(num_frames, size=2, replace=False))
+    while True:
+        first, second = (names[int(i)] for i in rng.choice(len(names), size=2, replace=False))
+        where = np.sort(rng.choice(num_frames, size=2, replace=False))
+        if _in_split(f"{first},{second},{where[0]},{where[1]}", parity):
+            break
     frames = np.stack([noise_frame(rng, size) for _ in range(num_frames)])
     frames[where[0]], frames[where[1]] = _flat(first, size), _flat(second, size)
     swap = bool(rng.integers(2))
@@ -94,7 +105,7 @@ def make_question(task: str, split: str, index: int, *, seed: int, num_frames: i
         raise ValueError(f"num_frames must be >= 1 and size >= 8, got {num_frames} and {size}")
     rng = np.random.default_rng([seed, 6, SPLITS[split], index])
     make = count_question if task == "count" else order_question
-    return make(rng, num_frames, size)
+    return make(rng, num_frames, size, SPLITS[split] - 1)
 
 
 class RLTaskSet:

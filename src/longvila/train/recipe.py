@@ -318,6 +318,9 @@ class RLSection:
     """Divide advantages by the group's standard deviation (false: Dr. GRPO's mean-only centring)."""
     format_weight: float = 0.1
     """Reward = (1 - w) x accuracy + w x format (`<think>...</think><answer>...</answer>`)."""
+    reply_prefix: str = ""
+    """Text that opens every reply, given in the prompt (R1-Zero's template prefills `<think>`); rewards
+    see prefix + sampled text, labelled SFT replies drop it."""
     updates_per_batch: int = 1
     """Optimiser updates on each rollout batch (> 1: the ratio to the rollout policy and the clip act)."""
     micro_batch_rollouts: int = 0
@@ -326,6 +329,8 @@ class RLSection:
     """Cold-start SFT steps on labelled replies before RL (counted in the stage's steps)."""
     sft_questions: int = 32
     """Labelled questions for the cold-start SFT (the first ones of the training split)."""
+    sft_lr: float = 0.0
+    """Learning rate of the cold-start SFT steps (0: train.lr, the RL steps' rate)."""
     engine: str = "local"
     """Rollout backend: `local` (our batched `generate`) or a name registered with `register_engine`."""
     sp_min_tokens: int = 16384
@@ -347,6 +352,7 @@ class RLSection:
             raise ValueError(f"rl.top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.format_weight <= 1:
             raise ValueError(f"rl.format_weight must be in [0, 1], got {self.format_weight}")
+        _at_least("rl.sft_lr", self.sft_lr, 0)
         if self.sft_steps and self.sft_questions < 1:
             raise ValueError("rl.sft_steps > 0 needs rl.sft_questions >= 1")
         if self.sft_questions > self.train_questions:
@@ -364,6 +370,7 @@ class RLSection:
             kl_coef=self.kl_coef,
             loss_agg=self.loss_agg,
             advantage_std=self.advantage_std,
+            temperature=self.temperature,
         )
 
 

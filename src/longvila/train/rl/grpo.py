@@ -46,6 +46,8 @@ class GRPOSettings:
     """Divide advantages by the group's standard deviation (GRPO); false keeps only the mean removed."""
     eps: float = 1e-6
     """Added to the standard deviation (a group with equal rewards gets zero advantages)."""
+    temperature: float = 1.0
+    """Log-probabilities are those of the sampling distribution, softmax(logits / temperature)."""
 
     def check(self) -> None:
         if not 0 <= self.clip_low < 1:
@@ -54,6 +56,8 @@ class GRPOSettings:
             raise ValueError(f"rl.clip_high must be >= 0, got {self.clip_high}")
         if self.kl_coef < 0:
             raise ValueError(f"rl.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.temperature <= 0:
+            raise ValueError(f"rl.temperature must be > 0, got {self.temperature}")
         if self.loss_agg not in LOSS_AGGREGATIONS:
             raise ValueError(f"rl.loss_agg: {self.loss_agg!r} is not one of {list(LOSS_AGGREGATIONS)}")
 
@@ -205,8 +209,11 @@ def embed_packed(model, packed: PackedRollouts) -> torch.Tensor:
     return embeds.masked_scatter(is_image[..., None], flat.to(device=device, dtype=embeds.dtype))
 
 
-def token_logprobs(model, packed: PackedRollouts, sp=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(target) at this rank's reply positions: ((n,) log-probs, (n,) global positions).
+def token_logprobs(
+    model, packed: PackedRollouts, sp=None, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(target) at this rank's reply positions: ((n,) log-probs, (n,) global positions), pi the
+    softmax of logits / temperature (the distribution the rollouts were sampled from).
 
     One process: every reply position of the row. Under `sp` (degree > 1): the row is sharded in the
     zigzag layout as in training, and each rank returns the positions it holds (in its local order).
@@ -231,6 +238,8 @@ def token_logprobs(model, packed: PackedRollouts, sp=None) -> tuple[torch.Tensor
     logits = model._head()(hidden[keep])
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[keep][:, None])[:, 0]
     return logp, index[keep]
 
@@ -277,7 +286,7 @@ def grpo_loss(
     update per rollout batch). Under `sp` the value is the SP group's total on every rank and its gradient
     is this rank's part: the ranks' gradients sum to the single-process gradient.
     """
-    logp, positions = token_logprobs(model, packed, sp)
+    logp, positions = token_logprobs(model, packed, sp, settings.temperature)
     old = logp.detach() if old_logp is None else old_logp.to(logp)
     ref = None if ref_logp is None else ref_logp.to(logp)
     adv = packed.advantages[0].to(device=logp.device, dtype=logp.dtype).index_select(0, positions)

@@ -120,7 +120,6 @@ class RLTrainer(Trainer):
             pad_token_id=self.processor.pad_token_id,
         )
         self.end_ids = [self.processor.im_end_id]
-        self.rollouts_done = 0
 
     def _resume(self) -> ckpt.TrainProgress:
         progress = super()._resume()
@@ -133,7 +132,11 @@ class RLTrainer(Trainer):
     # ---- helpers -------------------------------------------------------------------------------
     def _prompt(self, question: RLQuestion) -> Prompt:
         sample = self.processor(question.messages(), num_frames=question.frames.shape[0])
-        return Prompt(question, sample["input_ids"], self.cache.get(sample["pixel_values"]))
+        ids = sample["input_ids"]
+        if self.recipe.rl.reply_prefix:
+            prefix = torch.tensor(self.processor._encode(self.recipe.rl.reply_prefix), dtype=ids.dtype)
+            ids = torch.cat([ids, prefix])
+        return Prompt(question, ids, self.cache.get(sample["pixel_values"]))
 
     @torch.no_grad()
     def _prompt_embeds(self, model, prompt: Prompt) -> torch.Tensor:
@@ -191,7 +194,7 @@ class RLTrainer(Trainer):
         rng = np.random.default_rng([self.recipe.run.seed, 61, step, self.dp_rank])
         picks = rng.integers(rl.sft_questions, size=self.recipe.data.batch_size)
         prompts = [self._prompt(self.train_set[int(i)]) for i in picks]
-        replies = [self.processor._encode(p.question.labelled_example()) + self.end_ids for p in prompts]
+        replies = [self.processor._encode(self._labelled_reply(p.question)) + self.end_ids for p in prompts]
         weights = sequence_weights([len(r) for r in replies], "token_mean")
         packed = pack_rollouts(
             [p.input_ids for p in prompts],
@@ -204,7 +207,9 @@ class RLTrainer(Trainer):
         )
         loss = sft_loss(self.model, packed, self.sp)
         loss.backward()
-        lr = self.scheduler.get_last_lr()[0]
+        lr = rl.sft_lr or self.scheduler.get_last_lr()[0]
+        for group in self.optimizer.param_groups:  # the schedule sets it back at its next step
+            group["lr"] = lr
         grad_norm = self._apply_gradients()
         self.scheduler.step()
         return {"phase": "sft", "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm,
@@ -263,7 +268,6 @@ class RLTrainer(Trainer):
             losses.append(total)
             grad_norms.append(self._apply_gradients())
         self.scheduler.step()
-        self.rollouts_done += len(flat_replies) * self.dp_degree
         accuracy = [s.accuracy for group in scores for s in group]
         fmt = [s.format for group in scores for s in group]
         return {
@@ -283,11 +287,17 @@ class RLTrainer(Trainer):
 
     @torch.no_grad()
     def _no_grad_logprobs(self, model, packed: PackedRollouts) -> torch.Tensor:
-        return token_logprobs(model, packed, self.sp)[0]
+        return token_logprobs(model, packed, self.sp, self.settings.temperature)[0]
+
+    def _labelled_reply(self, question: RLQuestion) -> str:
+        """The labelled reply without the prefix the prompt already holds."""
+        text, prefix = question.labelled_example(), self.recipe.rl.reply_prefix
+        return text[len(prefix) :] if prefix and text.startswith(prefix) else text
 
     def _decode(self, reply: list[int]) -> str:
+        """The reply as the rewards see it: the prompt's reply prefix, then the sampled text."""
         body = reply[:-1] if reply and reply[-1] in self.end_ids else reply
-        return self.processor.decode(body)
+        return self.recipe.rl.reply_prefix + self.processor.decode(body)
 
     def _dp_mean(self, value: float) -> float:
         """Mean over data-parallel groups (every rank of a group holds the same value)."""
@@ -313,7 +323,10 @@ class RLTrainer(Trainer):
         evaluation = self._read_eval()
         evaluation["after"] = self.evaluate()
         evaluation["cache"] = {**self.cache.state(), "videos": len(self.cache.seen)}
-        evaluation["rollouts_this_process"] = self.rollouts_done
+        rl = self.recipe.rl
+        steps = self.max_steps - rl.sft_steps
+        evaluation["rollouts"] = steps * self.recipe.data.batch_size * rl.group_size * self.dp_degree
+        evaluation["rl_steps"] = steps
         self._write_eval(evaluation)
 
     @torch.no_grad()
