@@ -17,6 +17,7 @@ from its DCP checkpoint replays the same rollouts and the same reward curve.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -57,6 +58,11 @@ class Prompt:
     question: RLQuestion
     input_ids: torch.Tensor
     frame_embeds: torch.Tensor
+
+
+def _digest(replies: list[list[int]]) -> str:
+    """A short hash of a step's sampled tokens (in the metrics: a resumed run must sample the same)."""
+    return hashlib.sha256(json.dumps(replies).encode()).hexdigest()[:16]
 
 
 def _seed(*parts: int) -> int:
@@ -283,6 +289,7 @@ class RLTrainer(Trainer):
             "kl": kl / max(tokens, 1.0),
             "tokens": sum(m.input_ids.numel() for m in micro),
             "frames": sum(p.frame_embeds.shape[0] for p in prompts),
+            "rollout_digest": _digest(flat_replies),
         }
 
     @torch.no_grad()
