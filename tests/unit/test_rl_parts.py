@@ -166,6 +166,19 @@ def test_local_engine_samples_reproducibly_and_cuts_at_the_end_token():
         build_engine("vllm", model)
 
 
+def test_stage_6_trains_the_llm_with_vision_frozen():
+    from longvila import LongVILA, LongVILAConfig
+    from longvila.train.recipe import StageSection
+    from longvila.train.stages import apply_stage
+
+    model = LongVILA(LongVILAConfig.tiny())
+    apply_stage(model, StageSection(number=6))
+    assert all(p.requires_grad for p in model.llm.parameters())
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    assert not any(p.requires_grad for p in model.mm_projector.parameters())
+    assert model.config.extra["stage"] == 6
+
+
 # ---- recipe --------------------------------------------------------------------------------------
 def test_stage6_recipes_load_and_bad_values_name_the_key():
     tiny = load_recipe("tiny/stage6")

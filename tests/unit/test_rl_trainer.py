@@ -102,3 +102,11 @@ def test_each_video_is_encoded_once_for_rollouts_reference_and_policy(tmp_path):
     assert not torch.equal(frozen, initial) and not torch.equal(frozen, final)
     assert torch.equal(torch.load(tmp_path / "count" / "rl_reference.pt")["llm.model.embed_tokens.weight"], frozen)
     assert torch.isfinite(torch.tensor([r["loss"] for r in records])).all()
+    # the demo's report section reads this run
+    from longvila.commands.demo import _rl_report
+
+    report = _rl_report(tmp_path / "count")
+    assert report["reward_curve"] == [round(r["reward"], 4) for r in records if r["phase"] == "rl"]
+    assert len(report["reward_curve"]) == 3 and report["rollouts"] == 24
+    assert report["heldout_accuracy_before"] == evaluation["before"]["accuracy"]
+    assert report["vision_encodes"] == report["videos"] == cache["videos"]
