@@ -54,7 +54,10 @@ def _full(values: torch.Tensor, positions: torch.Tensor, total: int, sp) -> torc
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
-    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    return {
+        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+    }
 
 
 def loss_and_grads(rank: int, world: int):
@@ -75,14 +78,22 @@ def loss_and_grads(rank: int, world: int):
             g = torch.Generator().manual_seed(11)
             old_full = torch.zeros(total, dtype=torch.float64)
             ref_full = torch.zeros(total, dtype=torch.float64)
-            old_full[single_pos] = single_logp + 0.3 * torch.randn(single_logp.shape, generator=g, dtype=torch.float64)
-            ref_full[single_pos] = single_logp + 0.5 * torch.randn(single_logp.shape, generator=g, dtype=torch.float64)
+            old_full[single_pos] = single_logp + 0.3 * torch.randn(
+                single_logp.shape, generator=g, dtype=torch.float64
+            )
+            ref_full[single_pos] = single_logp + 0.5 * torch.randn(
+                single_logp.shape, generator=g, dtype=torch.float64
+            )
 
-            ref_loss, ref_stats = grpo_loss(model, packed, settings, old_logp=old_full[single_pos], ref_logp=ref_full[single_pos])
+            ref_loss, ref_stats = grpo_loss(
+                model, packed, settings, old_logp=old_full[single_pos], ref_logp=ref_full[single_pos]
+            )
             ref_loss.backward()
             ref_grads = _grads(model)
             model.zero_grad(set_to_none=True)
-            loss, stats = grpo_loss(model, packed, settings, old_logp=old_full[local_pos], ref_logp=ref_full[local_pos], sp=sp)
+            loss, stats = grpo_loss(
+                model, packed, settings, old_logp=old_full[local_pos], ref_logp=ref_full[local_pos], sp=sp
+            )
             loss.backward()
             ours = _grads(model)
             for tensor in ours.values():
@@ -95,7 +106,9 @@ def loss_and_grads(rank: int, world: int):
                 "loss": (float(loss.detach()), float(ref_loss.detach())),
                 "grad_err": max(float((ours[k] - ref_grads[k]).abs().max()) for k in ref_grads) / scale,
                 "grad_scale": scale,
-                "logp_err": float((_full(local_logp, local_pos, total, sp)[single_pos] - single_logp).abs().max()),
+                "logp_err": float(
+                    (_full(local_logp, local_pos, total, sp)[single_pos] - single_logp).abs().max()
+                ),
                 "local_tokens": int(local_pos.numel()),
                 "tokens": (stats.tokens, ref_stats.tokens),
                 "clipped": (stats.clipped, ref_stats.clipped),

@@ -105,7 +105,9 @@ def _reference_loss(model, prompts, embeds, replies, rewards, old, ref, s: GRPOS
 
 
 def test_group_advantages_are_group_normalised():
-    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.2, 0.9, 0.1]], dtype=torch.float64)
+    rewards = torch.tensor(
+        [[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5], [0.0, 0.2, 0.9, 0.1]], dtype=torch.float64
+    )
     got = group_advantages(rewards, GRPOSettings())
     for row, out in zip(rewards.tolist(), got.tolist()):
         mean, std = statistics.mean(row), statistics.stdev(row)
@@ -137,7 +139,10 @@ def test_grpo_loss_and_gradients_match_the_hand_written_reference(settings):
     group = rewards.shape[1]
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():  # old and reference log-probs near the current ones: some ratios clip, some not
-        current = [_reference_logprobs(model, prompts[i // group], embeds[i // group], r) for i, r in enumerate(replies)]
+        current = [
+            _reference_logprobs(model, prompts[i // group], embeds[i // group], r)
+            for i, r in enumerate(replies)
+        ]
     old = [c + 0.3 * torch.randn(c.shape, generator=g, dtype=torch.float64) for c in current]
     ref = [c + 0.5 * torch.randn(c.shape, generator=g, dtype=torch.float64) for c in current]
 
@@ -196,7 +201,9 @@ def test_token_logprobs_and_sft_loss_match_the_reference():
                            pad_token_id=0, pad_to_multiple_of=16)  # fmt: skip
     with torch.no_grad():
         logp, positions = token_logprobs(model, packed)
-        want = torch.cat([_reference_logprobs(model, flat_prompts[i], flat_embeds[i], r) for i, r in enumerate(replies)])
+        want = torch.cat(
+            [_reference_logprobs(model, flat_prompts[i], flat_embeds[i], r) for i, r in enumerate(replies)]
+        )
         assert torch.allclose(logp, want, atol=1e-12, rtol=0)
         assert positions.tolist() == sorted(positions.tolist())
         nll = sft_loss(model, packed)
@@ -206,8 +213,24 @@ def test_token_logprobs_and_sft_loss_match_the_reference():
 
 def test_pack_rollouts_rejects_bad_input():
     with pytest.raises(ValueError, match="differ in length"):
-        pack_rollouts([torch.tensor([1, 2])], [[3], [4]], [torch.zeros(0)], [0.0], [1.0], image_token_id=IMAGE, pad_token_id=0)
+        pack_rollouts(
+            [torch.tensor([1, 2])],
+            [[3], [4]],
+            [torch.zeros(0)],
+            [0.0],
+            [1.0],
+            image_token_id=IMAGE,
+            pad_token_id=0,
+        )
     with pytest.raises(ValueError, match="empty reply"):
-        pack_rollouts([torch.tensor([1, 2])], [[]], [torch.zeros(0, 16, 64)], [0.0], [1.0], image_token_id=IMAGE, pad_token_id=0)
+        pack_rollouts(
+            [torch.tensor([1, 2])],
+            [[]],
+            [torch.zeros(0, 16, 64)],
+            [0.0],
+            [1.0],
+            image_token_id=IMAGE,
+            pad_token_id=0,
+        )
     with pytest.raises(ValueError, match="rl.loss_agg"):
         GRPOSettings(loss_agg="sum").check()

@@ -36,7 +36,12 @@ def test_exact_and_choice_rewards():
     assert exact_reward("<answer>Red  Car</answer>", "red car") == 1.0
     assert exact_reward("<answer>13</answer>", "3") == 0.0
     assert exact_reward("3", "3") == 0.0  # no <answer>: nothing to check
-    for reply in ("<answer>B</answer>", "<answer>(b)</answer>", "<answer>B) blue</answer>", "<answer> B. </answer>"):
+    for reply in (
+        "<answer>B</answer>",
+        "<answer>(b)</answer>",
+        "<answer>B) blue</answer>",
+        "<answer> B. </answer>",
+    ):
         assert choice_reward(reply, "B") == 1.0, reply
     for reply in ("<answer>A</answer>", "<answer>Blue</answer>", "<answer></answer>", "B"):
         assert choice_reward(reply, "B") == 0.0, reply
@@ -154,7 +159,9 @@ def test_local_engine_samples_reproducibly_and_cuts_at_the_end_token():
     samples = [tuple(r) for group in a for r in group]
     assert len(set(samples)) > 1  # sampled, not greedy
     # the first request's samples equal a plain generate of that prompt's length group, same seed
-    batch = torch.cat([requests[0].prompt_embeds[None].expand(4, -1, -1), requests[2].prompt_embeds[None].expand(4, -1, -1)])
+    batch = torch.cat(
+        [requests[0].prompt_embeds[None].expand(4, -1, -1), requests[2].prompt_embeds[None].expand(4, -1, -1)]
+    )
     rows = model.generate(inputs_embeds=batch, max_new_tokens=6, do_sample=True, temperature=1.5, pad_token_id=0,
                           generator=torch.Generator().manual_seed(3))  # fmt: skip
     ends = engine._end_ids(sampling)

@@ -100,7 +100,9 @@ def test_each_video_is_encoded_once_for_rollouts_reference_and_policy(tmp_path):
     frozen = trainer.reference.llm.get_input_embeddings().weight
     final = trainer.model.llm.get_input_embeddings().weight
     assert not torch.equal(frozen, initial) and not torch.equal(frozen, final)
-    assert torch.equal(torch.load(tmp_path / "count" / "rl_reference.pt")["llm.model.embed_tokens.weight"], frozen)
+    assert torch.equal(
+        torch.load(tmp_path / "count" / "rl_reference.pt")["llm.model.embed_tokens.weight"], frozen
+    )
     assert torch.isfinite(torch.tensor([r["loss"] for r in records])).all()
     # the demo's report section reads this run
     from longvila.commands.demo import _rl_report

@@ -27,7 +27,9 @@ SPLITS = {"train": 1, "heldout": 2}
 FORMAT_HINT = "Think, then give the answer inside <answer></answer>."
 COUNT_COLOUR = "red"
 COUNT_QUESTION = f"How many {COUNT_COLOUR} frames are in this video? {FORMAT_HINT}"
-ORDER_QUESTION = "Which colour comes first in this video? A) {a} B) {b}. Answer with the letter. " + FORMAT_HINT
+ORDER_QUESTION = (
+    "Which colour comes first in this video? A) {a} B) {b}. Answer with the letter. " + FORMAT_HINT
+)
 LETTERS = "AB"
 
 

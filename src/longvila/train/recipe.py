@@ -342,9 +342,21 @@ class RLSection:
 
     def check(self) -> None:
         _choice("rl.task", self.task, ("count", "order"))
-        for key in ("train_questions", "heldout_questions", "group_size", "max_new_tokens", "updates_per_batch"):
+        for key in (
+            "train_questions",
+            "heldout_questions",
+            "group_size",
+            "max_new_tokens",
+            "updates_per_batch",
+        ):
             _at_least(f"rl.{key}", getattr(self, key), 1)
-        for key in ("sft_steps", "sft_questions", "micro_batch_rollouts", "cache_memory_videos", "sp_min_tokens"):
+        for key in (
+            "sft_steps",
+            "sft_questions",
+            "micro_batch_rollouts",
+            "cache_memory_videos",
+            "sp_min_tokens",
+        ):
             _at_least(f"rl.{key}", getattr(self, key), 0)
         if self.temperature <= 0:
             raise ValueError(f"rl.temperature must be > 0, got {self.temperature}")

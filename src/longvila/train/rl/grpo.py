@@ -153,7 +153,9 @@ def pack_rollouts(
     """Pack rollouts (prompt ids (L_i,), reply ids, the prompt's frame embeddings (F_i, P, D), the
     rollout's advantage and per-token weight) into one row, padded to `pad_to_multiple_of`."""
     if not (len(prompts) == len(replies) == len(frame_embeds) == len(advantages) == len(weights)):
-        raise ValueError("pack_rollouts: prompts, replies, frame_embeds, advantages, weights differ in length")
+        raise ValueError(
+            "pack_rollouts: prompts, replies, frame_embeds, advantages, weights differ in length"
+        )
     ids, targets, adv, wts, frames, positions, bounds = [], [], [], [], [], [], [0]
     for prompt, reply, a, w in zip(prompts, replies, advantages, weights):
         if not reply:
@@ -205,7 +207,9 @@ def embed_packed(model, packed: PackedRollouts) -> torch.Tensor:
     if expected == 0:
         return embeds
     if flat.shape[0] != expected:
-        raise ValueError(f"the row holds {expected} <image> tokens but {flat.shape[0]} frame-embedding tokens")
+        raise ValueError(
+            f"the row holds {expected} <image> tokens but {flat.shape[0]} frame-embedding tokens"
+        )
     return embeds.masked_scatter(is_image[..., None], flat.to(device=device, dtype=embeds.dtype))
 
 
@@ -244,7 +248,9 @@ def token_logprobs(
     return logp, index[keep]
 
 
-def _padded_decoder(model, embeds: torch.Tensor, position_ids: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+def _padded_decoder(
+    model, embeds: torch.Tensor, position_ids: torch.Tensor, cu: torch.Tensor
+) -> torch.Tensor:
     """One process: the packed row's sequences as a right-padded batch (plain causal attention, no
     (T, T) mask: a packed row of G rollouts would cost G^2 times the attention) -> (T, D) in row order.
 
@@ -293,7 +299,9 @@ def grpo_loss(
     weight = packed.weights[0].to(device=logp.device, dtype=logp.dtype).index_select(0, positions)
     terms, clipped, kl = grpo_token_terms(logp, old, ref, adv, settings)
     local = (weight * terms).sum()
-    counts = torch.stack([torch.tensor(float(logp.numel())), clipped.sum().cpu().double(), kl.sum().cpu().double()])
+    counts = torch.stack(
+        [torch.tensor(float(logp.numel())), clipped.sum().cpu().double(), kl.sum().cpu().double()]
+    )
     if sp is not None and sp.sp_degree > 1:
         total = sp.all_reduce_sum(local.detach().reshape(1)).reshape(())
         local = local + (total - local).detach()

@@ -81,7 +81,9 @@ class LocalEngine:
             return  # the engine decodes with the policy's own parameters
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        full = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        )
         self.model.load_state_dict(full)
 
     def _end_ids(self, sampling: SamplingSpec) -> list[int]:
@@ -112,18 +114,25 @@ class LocalEngine:
             for length, members in self._by_length(requests).items():
                 if self.sp is not None and self.sp.sp_degree > 1 and length >= self.sp_min_tokens:
                     rows = [
-                        self.model.generate(inputs_embeds=requests[i].prompt_embeds[None], sp=self.sp, **kwargs)[0]
+                        self.model.generate(
+                            inputs_embeds=requests[i].prompt_embeds[None], sp=self.sp, **kwargs
+                        )[0]
                         for i in members
                         for _ in range(requests[i].num_samples)
                     ]
                 else:
                     batch = torch.cat(
-                        [requests[i].prompt_embeds[None].expand(requests[i].num_samples, -1, -1) for i in members]
+                        [
+                            requests[i].prompt_embeds[None].expand(requests[i].num_samples, -1, -1)
+                            for i in members
+                        ]
                     )
                     rows = list(self.model.generate(inputs_embeds=batch.to(self.model.device), **kwargs))
                 rows.reverse()
                 for i in members:
-                    replies[i] = [cut_reply(rows.pop().tolist(), end_ids) for _ in range(requests[i].num_samples)]
+                    replies[i] = [
+                        cut_reply(rows.pop().tolist(), end_ids) for _ in range(requests[i].num_samples)
+                    ]
         finally:
             self.model.train(was_training)
         return replies

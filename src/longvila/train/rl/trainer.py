@@ -67,7 +67,9 @@ def _digest(replies: list[list[int]]) -> str:
 
 def _seed(*parts: int) -> int:
     """A 63-bit seed from integers (numpy's SeedSequence mixes them)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1)
+    return int(
+        np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).view(np.uint64)[0] >> 1
+    )
 
 
 class RLTrainer(Trainer):
@@ -76,7 +78,11 @@ class RLTrainer(Trainer):
     # ---- setup ---------------------------------------------------------------------------------
     def _setup_data(self) -> None:
         recipe, rl = self.recipe, self.recipe.rl
-        shape = {"seed": recipe.run.seed, "num_frames": recipe.data.num_frames, "size": recipe.data.frame_size}
+        shape = {
+            "seed": recipe.run.seed,
+            "num_frames": recipe.data.num_frames,
+            "size": recipe.data.frame_size,
+        }
         self.train_set = RLTaskSet(rl.task, "train", rl.train_questions, **shape)
         self.heldout_set = RLTaskSet(rl.task, "heldout", rl.heldout_questions, **shape)
         self.sampler = ResumableBatchSampler(
@@ -88,7 +94,9 @@ class RLTrainer(Trainer):
             dp_degree=self.dp_degree,
         )
         self.accum = 1
-        rl_steps = recipe.train.max_steps or max(1, math.ceil(recipe.train.epochs * self.sampler.batches_per_epoch))
+        rl_steps = recipe.train.max_steps or max(
+            1, math.ceil(recipe.train.epochs * self.sampler.batches_per_epoch)
+        )
         self.max_steps = rl.sft_steps + rl_steps
 
     def setup(self) -> None:
@@ -154,7 +162,10 @@ class RLTrainer(Trainer):
         return embed_packed(model, packed)[0, : prompt.input_ids.shape[0]]
 
     def _pack_ids(self) -> dict[str, int]:
-        return {"image_token_id": self.model.config.image_token_id, "pad_token_id": self.processor.pad_token_id}
+        return {
+            "image_token_id": self.model.config.image_token_id,
+            "pad_token_id": self.processor.pad_token_id,
+        }
 
     def _micro_groups(self, n: int) -> list[range]:
         size = self.recipe.rl.micro_batch_rollouts or n
@@ -169,7 +180,9 @@ class RLTrainer(Trainer):
         while True:
             self.sampler.set_position(position.epoch, position.batch_in_epoch)
             for indices in self.sampler:
-                position = ckpt.DataPosition(position.epoch, position.batch_in_epoch + 1, position.sampler_seed)
+                position = ckpt.DataPosition(
+                    position.epoch, position.batch_in_epoch + 1, position.sampler_seed
+                )
                 yield indices, position
             position = ckpt.DataPosition(position.epoch + 1, 0, position.sampler_seed)
 
@@ -225,7 +238,9 @@ class RLTrainer(Trainer):
         self._sync_engine()
         group = self.recipe.rl.group_size
         requests = [RolloutRequest(self._prompt_embeds(self.engine.model, p), group) for p in prompts]
-        return self.engine.generate(requests, self.sampling, _seed(self.recipe.run.seed, 62, step, self.dp_rank))
+        return self.engine.generate(
+            requests, self.sampling, _seed(self.recipe.run.seed, 62, step, self.dp_rank)
+        )
 
     def _rl_step(self, step: int, indices: list[int]) -> dict[str, Any]:
         rl = self.recipe.rl
@@ -253,7 +268,9 @@ class RLTrainer(Trainer):
             )
             for group in self._micro_groups(len(flat_replies))
         ]
-        refs = [self._no_grad_logprobs(self.reference, m) for m in micro] if self.reference is not None else None
+        refs = (
+            [self._no_grad_logprobs(self.reference, m) for m in micro] if self.reference is not None else None
+        )
         olds = [self._no_grad_logprobs(self.model, m) for m in micro] if rl.updates_per_batch > 1 else None
         lr = self.scheduler.get_last_lr()[0]
         losses, grad_norms, tokens, clipped, kl = [], [], 0.0, 0.0, 0.0
@@ -406,4 +423,3 @@ class RLTrainer(Trainer):
         if not path.is_file():
             raise ValueError(f"{path}: the reference model of this resumed RL run is missing")
         self.reference.load_state_dict(torch.load(path, map_location=self.dist.device, weights_only=True))
-
