@@ -135,14 +135,7 @@ class Trainer:
         """Dataset, sampler, accumulation, step count and collate (a subclass hook: stage 6 differs)."""
         recipe = self.recipe
         self.dataset = build_dataset(recipe.data, self.processor, recipe.run.seed)
-        self.sampler = ResumableBatchSampler(
-            len(self.dataset),
-            recipe.data.batch_size,
-            seed=recipe.run.seed,
-            shuffle=recipe.data.shuffle,
-            dp_rank=self.dp_rank,
-            dp_degree=self.dp_degree,
-        )
+        self.sampler = self._batch_sampler(len(self.dataset))
         self.accum = self._grad_accum_steps()
         self.max_steps = recipe.train.max_steps or max(
             1, math.ceil(recipe.train.epochs * self.sampler.batches_per_epoch / self.accum)
@@ -151,6 +144,18 @@ class Trainer:
             self.collate = PackedRowCollate(pad_to_multiple_of=self.sequence_multiple)
         else:
             self.collate = PackCollate(self.processor, pad_to_multiple_of=self.sequence_multiple)
+
+    def _batch_sampler(self, num_samples: int) -> ResumableBatchSampler:
+        """This data-parallel rank's seeded, resumable micro-batches of `data.batch_size` sample indices."""
+        data = self.recipe.data
+        return ResumableBatchSampler(
+            num_samples,
+            data.batch_size,
+            seed=self.recipe.run.seed,
+            shuffle=data.shuffle,
+            dp_rank=self.dp_rank,
+            dp_degree=self.dp_degree,
+        )
 
     @property
     def sequence_multiple(self) -> int:

@@ -30,7 +30,6 @@ import torch
 
 from longvila.data.rl_tasks import RLQuestion, RLTaskSet
 from longvila.train import checkpointing as ckpt
-from longvila.train.data import ResumableBatchSampler
 from longvila.train.metrics import memory_gib
 from longvila.train.rl.cache import EmbeddingCache, vision_fingerprint
 from longvila.train.rl.grpo import (
@@ -85,14 +84,7 @@ class RLTrainer(Trainer):
         }
         self.train_set = RLTaskSet(rl.task, "train", rl.train_questions, **shape)
         self.heldout_set = RLTaskSet(rl.task, "heldout", rl.heldout_questions, **shape)
-        self.sampler = ResumableBatchSampler(
-            len(self.train_set),
-            recipe.data.batch_size,
-            seed=recipe.run.seed,
-            shuffle=recipe.data.shuffle,
-            dp_rank=self.dp_rank,
-            dp_degree=self.dp_degree,
-        )
+        self.sampler = self._batch_sampler(len(self.train_set))
         self.accum = 1
         rl_steps = recipe.train.max_steps or max(
             1, math.ceil(recipe.train.epochs * self.sampler.batches_per_epoch)
