@@ -43,7 +43,6 @@ from longvila.train.rl.grpo import (
 )
 from longvila.train.rl.rewards import score
 from longvila.train.rl.rollout import RolloutRequest, SamplingSpec, build_engine, cut_reply
-from longvila.train.stages import apply_stage
 from longvila.train.trainer import Trainer, build_model
 
 EVAL_FILE = "rl_eval.json"
@@ -94,17 +93,18 @@ class RLTrainer(Trainer):
     def setup(self) -> None:
         if getattr(self, "_ready", False):
             return
+        if self.fsdp:
+            # The RL forward runs the decoder directly (cached frame embeddings, no vision tower), which
+            # bypasses the FSDP2 root's parameter gathering; not wired yet (docs/rl.md).
+            raise ValueError(
+                "parallel.fsdp is not supported by stage 6 yet: set parallel.fsdp false (MM-SP with "
+                "replicated weights and all-reduced gradients works)"
+            )
         super().setup()
         recipe, rl = self.recipe, self.recipe.rl
         self.settings = rl.grpo_settings()
         rollout_model = self.model
-        if self.fsdp:  # generation and encoding run on an unsharded copy, refreshed every rollout batch
-            rollout_model, _ = build_model(recipe)
-            apply_stage(rollout_model, recipe.stage)
-            rollout_model.to(self.dist.device).eval()
-        self.engine = build_engine(
-            rl.engine, rollout_model, sp=self.sp, sp_min_tokens=rl.sp_min_tokens, copy_from_sharded=self.fsdp
-        )
+        self.engine = build_engine(rl.engine, rollout_model, sp=self.sp, sp_min_tokens=rl.sp_min_tokens)
         self.reference = None
         if self.settings.kl_coef > 0:
             self.reference, _ = build_model(recipe)
@@ -391,10 +391,6 @@ class RLTrainer(Trainer):
         os.replace(temp, path)
 
     def _policy_state(self) -> dict[str, torch.Tensor]:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def _save_reference(self) -> None:
