@@ -8,7 +8,11 @@
    0..100 %, twice: with the **trained** needle (a flat colour frame and the stage-5 question: the
    training task at new lengths, `niah_trained`, `niah.png`) and with **held-out** needles the model never
    saw (digits, shapes, rendered words, a shape's colour, two-needle order and sum, each with its own
-   question: `niah_heldout`, `niah_heldout.png`), each beside its chance level, in `report.json`.
+   question: `niah_heldout`, `niah_heldout.png`), each beside its chance level, in `report.json`;
+4. stage 6, reinforcement learning (GRPO, `recipes/tiny/stage6.yaml`) from the stage-5 model on a
+   counting task (how many red frames): a cold-start SFT on a few labelled replies, then GRPO on
+   rule-checked answers; `report.json`'s "rl" section holds held-out accuracy before and after RL,
+   the reward curve and the vision-encoder calls (docs/rl.md).
 
 `--quick` runs the same path with few steps and a small grid (a smoke test, not a result).
 """
@@ -33,7 +37,8 @@ DATA_SIZES = {
     "vniah": {"haystack_seconds": 8, "num_needles": 2},
 }
 FULL = {
-    "steps": {1: 20, 2: 20, 3: 20, 4: 20, 5: 1000},
+    "steps": {1: 20, 2: 20, 3: 20, 4: 20, 5: 1000, 6: 50},
+    "rl": {},
     "train_frames": 32,
     "frame_counts": [8, 16, 32, 64, 128],
     "depths": [0.0, 0.25, 0.5, 0.75, 1.0],
@@ -41,7 +46,8 @@ FULL = {
     "heldout_per_kind": 2,
 }
 QUICK = {
-    "steps": {1: 2, 2: 2, 3: 2, 4: 2, 5: 10},
+    "steps": {1: 2, 2: 2, 3: 2, 4: 2, 5: 10, 6: 2},
+    "rl": {"sft_steps": 2, "heldout_questions": 8, "train_questions": 16, "sft_questions": 8},
     "train_frames": 4,
     "frame_counts": [4, 8, 16],
     "depths": [0.0, 0.5, 1.0],
@@ -71,6 +77,8 @@ def _train_stage(number: int, out: Path, settings: dict, seed: int, progress: bo
     }
     if number == 5:
         overrides["data"] = {"num_frames": settings["train_frames"]}
+    if number == 6 and settings["rl"]:
+        overrides["rl"] = dict(settings["rl"])
     recipe = load_recipe(f"tiny/stage{number}", overrides)
     final = recipe.run_dir / "final"
     began = time.perf_counter()
@@ -214,6 +222,8 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: b
     start = time.perf_counter()
     heldout = _niah_heldout(out, settings, seed, progress, model, processor)
     timings["niah_heldout_s"] = round(time.perf_counter() - start, 2)
+    stage6 = _train_stage(6, out, settings, seed, progress)  # reported under "rl", not "stages"
+    timings["stage6_s"] = stage6["seconds"]
     timings["total_s"] = round(time.perf_counter() - began, 2)
     train_frames = settings["train_frames"]
     niah_trained, niah_heldout = niah_reports(trained, heldout, out, train_frames)
@@ -224,12 +234,34 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: b
         "niah_trained": niah_trained,
         "niah_heldout": niah_heldout,
         "train_frames": train_frames,
+        "rl": {**_rl_report(out / "stage6"), "stage": stage6},
         "timings": timings,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     _print_summary(report, out)
     return report
+
+
+def _rl_report(run_dir: Path) -> dict:
+    """The "rl" section of the report, from stage 6's `rl_eval.json` and metrics."""
+    from longvila.train.metrics import read_metrics
+
+    evaluation = json.loads((run_dir / "rl_eval.json").read_text())
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("phase") == "rl"]
+    return {
+        "task": "count",
+        "heldout_accuracy_before": evaluation["before"]["accuracy"],
+        "heldout_accuracy_after": evaluation["after"]["accuracy"],
+        "heldout_format_before": evaluation["before"]["format"],
+        "heldout_format_after": evaluation["after"]["format"],
+        "heldout_questions": evaluation["after"]["questions"],
+        "reward_curve": [round(r["reward"], 4) for r in records],
+        "accuracy_curve": [round(r["accuracy"], 4) for r in records],
+        "vision_encodes": evaluation["cache"]["encodes"],
+        "videos": evaluation["cache"]["videos"],
+        "rollouts": evaluation["rollouts"],
+    }
 
 
 def _print_summary(report: dict, out: Path) -> None:
@@ -250,6 +282,12 @@ def _print_summary(report: dict, out: Path) -> None:
             f"{result['mean_accuracy_teacher_forced']:.3f}; chance {result['chance']:.3f})"
         )
     print(f"  mean {heldout['mean_accuracy']:.3f}")
+    rl = report["rl"]
+    print(
+        f"RL (stage 6, GRPO, counting): held-out accuracy {rl['heldout_accuracy_before']:.3f} -> "
+        f"{rl['heldout_accuracy_after']:.3f}; {rl['rollouts']} rollouts, {rl['vision_encodes']} vision "
+        f"encodes for {rl['videos']} videos"
+    )
     print(
         f"report: {out / 'report.json'}  heat maps: {trained['heatmap']}, {heldout['heatmap']}  "
         f"total {report['timings']['total_s']:.0f} s"

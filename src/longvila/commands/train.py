@@ -56,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if args.print_recipe:
         print(recipe.to_yaml(), end="")
         return 0
-    from longvila.train.trainer import Trainer
+    from longvila.train.trainer import make_trainer
 
-    trainer = Trainer(recipe)
+    trainer = make_trainer(recipe)
     try:
         trainer.setup()
     except (ValueError, FileNotFoundError) as exc:

@@ -26,7 +26,7 @@ import yaml
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 """Packaged recipes (`recipes/` at the repository root links here)."""
 
-DATA_KINDS = ("manifest", "needle", "passkey", "packed_text")
+DATA_KINDS = ("manifest", "needle", "passkey", "packed_text", "rl_task")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -89,7 +89,9 @@ class DataSection:
     """`manifest` (a JSONL manifest, LLaVA/VILA layout), `needle` (synthetic long-video needle QA made in
     memory: one flat-colour frame in noise, lengths log-uniform in [min_frames, num_frames]) or `passkey`
     (synthetic text-only passkey retrieval made in memory) or `packed_text` (rows written by
-    `longvila data pack-text`, for stage 4)."""
+    `longvila data pack-text`, for stage 4) or `rl_task` (stage 6: the synthetic questions of
+    `rl.task`, made in memory; `num_frames` and `frame_size` shape their videos, `batch_size` is the
+    questions per rollout batch)."""
     manifest: str | None = None
     """Path of the JSONL manifest (`kind: manifest`)."""
     media_root: str | None = None
@@ -146,7 +148,8 @@ class StageSection:
 
     number: int = 3
     """1 alignment (projector), 2 pre-training (projector + LLM), 3 short SFT (all), 4 context
-    extension (LLM through LoRA, text only, RoPE base raised), 5 long SFT (all)."""
+    extension (LLM through LoRA, text only, RoPE base raised), 5 long SFT (all), 6 RL with GRPO (the
+    LLM; vision tower and projector frozen; settings in the `rl` section, docs/rl.md)."""
     rope_theta: float | None = None
     """New RoPE base of the LLM (stage 4; docs/reference.md table: 131072 -> 15.3M, ... 1M -> 3.58e9)."""
     max_length: int | None = None
@@ -163,7 +166,7 @@ class StageSection:
     """Merge the adapters into the weights (peft merge_and_unload) before the final export."""
 
     def check(self) -> None:
-        _choice("stage.number", self.number, (1, 2, 3, 4, 5))
+        _choice("stage.number", self.number, (1, 2, 3, 4, 5, 6))
         if self.rope_theta is not None and self.rope_theta <= 0:
             raise ValueError(f"stage.rope_theta must be > 0, got {self.rope_theta}")
         if self.max_length is not None:
@@ -283,6 +286,107 @@ class LoggingSection:
 
 
 @dataclass(kw_only=True)
+class RLSection:
+    """Stage 6: reinforcement learning with verifiable rewards (GRPO, DAPO options); docs/rl.md."""
+
+    task: str = "count"
+    """Synthetic task (`data.kind: rl_task`): `count` (how many red frames; exact answer) or `order`
+    (which of two colours comes first; multiple-choice letter)."""
+    train_questions: int = 256
+    """Questions in the training split (rewards come from their answer keys; no reply is labelled)."""
+    heldout_questions: int = 64
+    """Questions in the held-out split (greedy accuracy before and after RL)."""
+    group_size: int = 8
+    """G: replies sampled per question; advantages are normalised within each group."""
+    max_new_tokens: int = 32
+    """Longest reply sampled (a reply without its end token by then is cut there)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    top_k: int = 0
+    """Sample from the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: all)."""
+    clip_low: float = 0.2
+    """eps_low: the probability ratio is clipped below at 1 - clip_low."""
+    clip_high: float = 0.2
+    """eps_high: clipped above at 1 + clip_high (DAPO's clip-higher: e.g. 0.28)."""
+    kl_coef: float = 0.0
+    """beta: weight of the k3 KL term to the frozen reference model (0: no reference model, DAPO)."""
+    loss_agg: str = "sequence_mean"
+    """`sequence_mean` (GRPO) or `token_mean` (DAPO) aggregation of the per-token loss."""
+    advantage_std: bool = True
+    """Divide advantages by the group's standard deviation (false: Dr. GRPO's mean-only centring)."""
+    format_weight: float = 0.1
+    """Reward = (1 - w) x accuracy + w x format (`<think>...</think><answer>...</answer>`)."""
+    reply_prefix: str = ""
+    """Text that opens every reply, given in the prompt (R1-Zero's template prefills `<think>`); rewards
+    see prefix + sampled text, labelled SFT replies drop it."""
+    updates_per_batch: int = 1
+    """Optimiser updates on each rollout batch (> 1: the ratio to the rollout policy and the clip act)."""
+    micro_batch_rollouts: int = 0
+    """Rollouts packed into one forward/backward row (0: the whole batch in one row)."""
+    sft_steps: int = 0
+    """Cold-start SFT steps on labelled replies before RL (counted in the stage's steps)."""
+    sft_questions: int = 32
+    """Labelled questions for the cold-start SFT (the first ones of the training split)."""
+    sft_lr: float = 0.0
+    """Learning rate of the cold-start SFT steps (0: train.lr, the RL steps' rate)."""
+    engine: str = "local"
+    """Rollout backend: `local` (our batched `generate`) or a name registered with `register_engine`."""
+    sp_min_tokens: int = 16384
+    """Under sequence parallelism, prompts of at least this many tokens are generated with MM-SP."""
+    cache_dir: str | None = None
+    """Persistent embedding cache folder (default `run_dir/embed_cache`); `none` disables the disk layer."""
+    cache_memory_videos: int = 64
+    """Videos kept in the in-memory layer of the embedding cache."""
+
+    def check(self) -> None:
+        _choice("rl.task", self.task, ("count", "order"))
+        for key in (
+            "train_questions",
+            "heldout_questions",
+            "group_size",
+            "max_new_tokens",
+            "updates_per_batch",
+        ):
+            _at_least(f"rl.{key}", getattr(self, key), 1)
+        for key in (
+            "sft_steps",
+            "sft_questions",
+            "micro_batch_rollouts",
+            "cache_memory_videos",
+            "sp_min_tokens",
+        ):
+            _at_least(f"rl.{key}", getattr(self, key), 0)
+        if self.temperature <= 0:
+            raise ValueError(f"rl.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rl.top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.format_weight <= 1:
+            raise ValueError(f"rl.format_weight must be in [0, 1], got {self.format_weight}")
+        _at_least("rl.sft_lr", self.sft_lr, 0)
+        if self.sft_steps and self.sft_questions < 1:
+            raise ValueError("rl.sft_steps > 0 needs rl.sft_questions >= 1")
+        if self.sft_questions > self.train_questions:
+            raise ValueError(
+                f"rl.sft_questions {self.sft_questions} exceeds rl.train_questions {self.train_questions}"
+            )
+        self.grpo_settings().check()
+
+    def grpo_settings(self):
+        from longvila.train.rl.grpo import GRPOSettings
+
+        return GRPOSettings(
+            clip_low=self.clip_low,
+            clip_high=self.clip_high,
+            kl_coef=self.kl_coef,
+            loss_agg=self.loss_agg,
+            advantage_std=self.advantage_std,
+            temperature=self.temperature,
+        )
+
+
+@dataclass(kw_only=True)
 class Recipe:
     """One training stage, end to end."""
 
@@ -302,12 +406,19 @@ class Recipe:
     """Resumable state and export."""
     logging: LoggingSection = field(default_factory=LoggingSection)
     """Metrics and progress bar."""
+    rl: RLSection = field(default_factory=RLSection)
+    """Stage 6 (reinforcement learning) settings; ignored by the other stages."""
 
     def check(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).check()
         if self.stage.number == 4 and self.data.kind == "needle":
             raise ValueError("stage.number 4 (context extension) is text only; data.kind 'needle' has video")
+        if (self.stage.number == 6) != (self.data.kind == "rl_task"):
+            raise ValueError(
+                f"stage.number {self.stage.number} with data.kind {self.data.kind!r}: stage 6 (RL) and "
+                "data.kind 'rl_task' go together"
+            )
 
     @property
     def run_dir(self) -> Path:

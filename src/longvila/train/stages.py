@@ -7,6 +7,7 @@
 | 3 short SFT | everything |
 | 4 context extension | LLM through LoRA (q/k/v/o) + embeddings + norms; RoPE base raised; text only |
 | 5 long SFT | everything |
+| 6 RL (GRPO) | the LLM (vision tower and projector frozen: a video's embeddings are computed once) |
 
 Stage 4 follows LongLoRA's recipe as LongVILA releases it: LoRA r=8, alpha=16 on the attention
 projections, and the embeddings and RMSNorm weights trained in full; the adapters are merged into the
@@ -21,7 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-STAGE_NAMES = {1: "alignment", 2: "pre-training", 3: "short SFT", 4: "context extension", 5: "long SFT"}
+STAGE_NAMES = {
+    1: "alignment",
+    2: "pre-training",
+    3: "short SFT",
+    4: "context extension",
+    5: "long SFT",
+    6: "RL (GRPO)",
+}
 STAGE4_FULL_PARAMS = ("embed_tokens", "lm_head", "norm")
 """Name fragments of LLM parameters trained in full during stage 4 (embeddings, LM head, RMSNorms)."""
 
@@ -137,6 +145,9 @@ def apply_stage(model, stage: Any) -> None:
         set_trainable(model.llm, True)
     elif number in (3, 5):
         set_trainable(model, True)
+    elif number == 6:
+        # Frozen vision: the embedding cache stays valid across rollouts, steps and epochs.
+        set_trainable(model.llm, True)
     else:
         attach_lora(
             model,

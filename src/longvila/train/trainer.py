@@ -122,33 +122,47 @@ class Trainer:
             from longvila.parallel.fsdp import fully_shard_model
 
             fully_shard_model(self.model, self.model.llm.get_decoder().layers)
-        self.dataset = build_dataset(recipe.data, self.processor, recipe.run.seed)
-        self.sampler = ResumableBatchSampler(
-            len(self.dataset),
-            recipe.data.batch_size,
-            seed=recipe.run.seed,
-            shuffle=recipe.data.shuffle,
-            dp_rank=self.dp_rank,
-            dp_degree=self.dp_degree,
-        )
-        self.accum = self._grad_accum_steps()
-        self.max_steps = recipe.train.max_steps or max(
-            1, math.ceil(recipe.train.epochs * self.sampler.batches_per_epoch / self.accum)
-        )
+        self._setup_data()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.model, recipe.train)
         self.scheduler = build_scheduler(self.optimizer, recipe.train, self.max_steps)
-        pad = (
-            getattr(self.sp, "sequence_multiple", 2 * recipe.parallel.sp_degree) if self.sp is not None else 1
-        )
-        if recipe.data.kind == "packed_text":
-            self.collate = PackedRowCollate(pad_to_multiple_of=pad)
-        else:
-            self.collate = PackCollate(self.processor, pad_to_multiple_of=pad)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         self._ready = True
+
+    def _setup_data(self) -> None:
+        """Dataset, sampler, accumulation, step count and collate (a subclass hook: stage 6 differs)."""
+        recipe = self.recipe
+        self.dataset = build_dataset(recipe.data, self.processor, recipe.run.seed)
+        self.sampler = self._batch_sampler(len(self.dataset))
+        self.accum = self._grad_accum_steps()
+        self.max_steps = recipe.train.max_steps or max(
+            1, math.ceil(recipe.train.epochs * self.sampler.batches_per_epoch / self.accum)
+        )
+        if recipe.data.kind == "packed_text":
+            self.collate = PackedRowCollate(pad_to_multiple_of=self.sequence_multiple)
+        else:
+            self.collate = PackCollate(self.processor, pad_to_multiple_of=self.sequence_multiple)
+
+    def _batch_sampler(self, num_samples: int) -> ResumableBatchSampler:
+        """This data-parallel rank's seeded, resumable micro-batches of `data.batch_size` sample indices."""
+        data = self.recipe.data
+        return ResumableBatchSampler(
+            num_samples,
+            data.batch_size,
+            seed=self.recipe.run.seed,
+            shuffle=data.shuffle,
+            dp_rank=self.dp_rank,
+            dp_degree=self.dp_degree,
+        )
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Rows are padded to a multiple of this (the SP layout's 2 x ulysses x ring; 1 without SP)."""
+        if self.sp is None:
+            return 1
+        return getattr(self.sp, "sequence_multiple", 2 * self.recipe.parallel.sp_degree)
 
     def _grad_accum_steps(self) -> int:
         train, micro = self.recipe.train, self.recipe.data.batch_size
@@ -222,6 +236,17 @@ class Trainer:
         dist.all_reduce(total, group=self.sp.dp_group if self.sp is not None else None)
         return float(total.item()) / self.dp_degree
 
+    def _apply_gradients(self) -> float:
+        """Reduce the accumulated gradients over data parallelism, clip, step AdamW, zero them; returns
+        the gradient norm before clipping (the schedule is stepped by the caller)."""
+        if not self.fsdp:
+            average_gradients(self.params, self.dp_degree)
+        clip = self.recipe.train.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
     def _step(self, stream) -> tuple[dict[str, Any], ckpt.DataPosition]:
         start = time.perf_counter()
         losses, tokens, frames = [], 0, 0
@@ -234,14 +259,9 @@ class Trainer:
             losses.append(loss)
             tokens += n_tokens
             frames += n_frames
-        if not self.fsdp:
-            average_gradients(self.params, self.dp_degree)
-        clip = self.recipe.train.max_grad_norm
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        grad_norm = self._apply_gradients()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         record = {
             "loss": self._global_loss(sum(losses) / len(losses) if losses else float("nan")),
@@ -338,6 +358,15 @@ def _progress_bar(total: int, initial: int, name: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=name, disable=not enabled, dynamic_ncols=True)
 
 
+def make_trainer(recipe: Recipe) -> Trainer:
+    """The trainer of the recipe's stage (stage 6, reinforcement learning, has its own loop)."""
+    if recipe.stage.number == 6:
+        from longvila.train.rl.trainer import RLTrainer
+
+        return RLTrainer(recipe)
+    return Trainer(recipe)
+
+
 def train(recipe: Recipe) -> TrainResult:
     """Run one stage from its recipe."""
-    return Trainer(recipe).fit()
+    return make_trainer(recipe).fit()
