@@ -11,15 +11,17 @@ Labels are the token ids on assistant replies (and their `<|im_end|>`), -100 els
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from longvila.config import IMAGE_TOKEN, LongVILAConfig
 from longvila.model.loss import IGNORE_INDEX
@@ -104,18 +106,22 @@ class LongVILAProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> LongVILAProcessor:
-        """From a longvila checkpoint directory or the official layout (llm/ + vision_tower/)."""
+        """From a longvila checkpoint directory, the official layout (llm/ + vision_tower/) or the
+        NVILA -hf layout."""
         path = Path(path)
         if (path / PROCESSOR_CONFIG).exists():
             settings = json.loads((path / PROCESSOR_CONFIG).read_text())
             return cls(load_tokenizer(path), **settings)
-        if (path / "llm").is_dir() and (path / "vision_tower").is_dir():
-            from longvila.model.checkpoint import official_processor_settings
+        from longvila.model.checkpoint import CheckpointError, detect_layout, processor_settings
 
-            return cls(load_tokenizer(path / "llm"), **official_processor_settings(path))
-        raise ValueError(
-            f"{path}: not a longvila checkpoint (no {PROCESSOR_CONFIG}) nor the official layout (llm/, vision_tower/)"
-        )
+        try:
+            detect_layout(path)
+        except (FileNotFoundError, CheckpointError) as exc:
+            raise ValueError(
+                f"{path}: not a longvila checkpoint (no {PROCESSOR_CONFIG}) nor a known foreign layout ({exc})"
+            ) from exc
+        tokenizer_dir, settings = processor_settings(path)  # the official and NVILA -hf layouts
+        return cls(load_tokenizer(tokenizer_dir), **settings)
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
@@ -147,17 +153,9 @@ class LongVILAProcessor:
 
     # ---- frames --------------------------------------------------------------------------------
     def preprocess_frames(self, frames_THWC: np.ndarray) -> torch.Tensor:
-        """uint8 (T, H, W, 3) -> float32 (T, 3, S, S): bicubic resize to the tower's square size,
-        scale to [0, 1], normalise with the tower's mean and std (SigLIP: 0.5, 0.5)."""
-        if not frames_THWC.flags.writeable:  # decoded or PIL-backed arrays may be read-only
-            frames_THWC = frames_THWC.copy()
-        x = torch.from_numpy(np.ascontiguousarray(frames_THWC)).permute(0, 3, 1, 2).float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
-            x = x.clamp_(0, 255)
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
-        return (x / 255.0 - mean) / std
+        """uint8 (T, H, W, 3) -> float32 (T, 3, S, S), equal to Hugging Face's PIL SigLIP image processor:
+        PIL bicubic resize to the tower's square size, then (x / 255 - mean) / std."""
+        return preprocess_frames(frames_THWC, self.image_size, self.image_mean, self.image_std)
 
     def _load_video(self, item: Any, num_frames: int | None, fps: float | None, max_frames: int | None):
         if isinstance(item, (str, Path)):
@@ -344,3 +342,62 @@ def _text_of(message: dict[str, Any], index: int) -> str:
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(p["text"] for p in content)
     raise ValueError(f"message {index}: a system message holds text only")
+
+
+# ---- frames -> pixel values ------------------------------------------------------------------------
+# The official models were trained on frames that transformers' PIL-based SiglipImageProcessor made
+# (`SiglipImageProcessorPil` since transformers 5): PIL bicubic resize of the uint8 frame, then
+# float64(x) * (1/255) cast to float32, then (x - mean) / std in float32. The resize is PIL's own; the
+# rest depends only on the uint8 value and the channel, so a 3 x 256 table computed with exactly those
+# operations gives the same bits as the processor at the cost of one gather.
+_NORMALISE_CHUNK = 32
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(3 * 256,) float32: entry c * 256 + v is channel c's normalised value of uint8 v."""
+    values = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    rows = [(values - np.float32(m)) / np.float32(s) for m, s in zip(mean, std)]
+    return torch.from_numpy(np.concatenate(rows).astype(np.float32))
+
+
+def _resize_one(frame_HWC: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame_HWC).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def resize_frames(frames_THWC: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> uint8 (T, S, S, 3) with PIL's bicubic filter, frames in parallel threads
+    (PIL releases the GIL while resampling)."""
+    if frames_THWC.shape[1:3] == (size, size):
+        return frames_THWC
+    out = np.empty((frames_THWC.shape[0], size, size, 3), dtype=np.uint8)
+
+    def resize(index: int) -> None:
+        out[index] = _resize_one(frames_THWC[index], size)
+
+    workers = min(8, os.cpu_count() or 1, frames_THWC.shape[0])
+    if workers <= 1:
+        for index in range(frames_THWC.shape[0]):
+            resize(index)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(resize, range(frames_THWC.shape[0])))
+    return out
+
+
+def preprocess_frames(
+    frames_THWC: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float32 (T, 3, S, S), bit-identical to the PIL SigLIP image processor."""
+    frames_THWC = resize_frames(frames_THWC, size)
+    if not frames_THWC.flags.writeable or not frames_THWC.flags.c_contiguous:
+        frames_THWC = np.array(frames_THWC)  # decoded or PIL-backed arrays may be read-only
+    table = _normalisation_table(tuple(float(x) for x in mean), tuple(float(x) for x in std))
+    offsets = (torch.arange(3) * 256).view(1, 3, 1, 1)
+    out = torch.empty(frames_THWC.shape[0], 3, size, size, dtype=torch.float32)
+    for start in range(0, frames_THWC.shape[0], _NORMALISE_CHUNK):
+        chunk = torch.from_numpy(frames_THWC[start : start + _NORMALISE_CHUNK]).permute(0, 3, 1, 2)
+        out[start : start + chunk.shape[0]] = table[chunk.long() + offsets]
+    return out
