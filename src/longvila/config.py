@@ -84,7 +84,8 @@ class LongVILAConfig:
         if self.vision_micro_batch < 1:
             raise ValueError(f"vision_micro_batch must be >= 1, got {self.vision_micro_batch}")
         num_layers = int(self.vision.get("num_hidden_layers", 0))
-        if not -num_layers <= self.vision_select_layer <= num_layers:
+        # hidden state k is the output of layer k (0: the embeddings), so -(layers + 1) .. layers
+        if not -num_layers - 1 <= self.vision_select_layer <= num_layers:
             raise ValueError(
                 f"vision_select_layer {self.vision_select_layer} is outside the vision tower's "
                 f"{num_layers} layers"
