@@ -349,55 +349,52 @@ def _text_of(message: dict[str, Any], index: int) -> str:
 # (`SiglipImageProcessorPil` since transformers 5): PIL bicubic resize of the uint8 frame, then
 # float64(x) * (1/255) cast to float32, then (x - mean) / std in float32. The resize is PIL's own; the
 # rest depends only on the uint8 value and the channel, so a 3 x 256 table computed with exactly those
-# operations gives the same bits as the processor at the cost of one gather.
-_NORMALISE_CHUNK = 32
+# operations gives the same bits as the processor at the cost of one lookup per value (numpy indexes
+# with the uint8 values directly, about the cost of one float pass). Frames run in threads: PIL
+# releases the GIL while resampling.
+PREPROCESS_THREADS = min(8, os.cpu_count() or 1)
 
 
 @functools.lru_cache(maxsize=8)
-def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """(3 * 256,) float32: entry c * 256 + v is channel c's normalised value of uint8 v."""
+def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: row c, column v is channel c's normalised value of uint8 v."""
     values = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    rows = [(values - np.float32(m)) / np.float32(s) for m, s in zip(mean, std)]
-    return torch.from_numpy(np.concatenate(rows).astype(np.float32))
+    table = np.stack([(values - np.float32(m)) / np.float32(s) for m, s in zip(mean, std)])
+    table.flags.writeable = False
+    return table
 
 
 def _resize_one(frame_HWC: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(frame_HWC).resize((size, size), Image.Resampling.BICUBIC))
-
-
-def resize_frames(frames_THWC: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (T, H, W, 3) -> uint8 (T, S, S, 3) with PIL's bicubic filter, frames in parallel threads
-    (PIL releases the GIL while resampling)."""
-    if frames_THWC.shape[1:3] == (size, size):
-        return frames_THWC
-    out = np.empty((frames_THWC.shape[0], size, size, 3), dtype=np.uint8)
-
-    def resize(index: int) -> None:
-        out[index] = _resize_one(frames_THWC[index], size)
-
-    workers = min(8, os.cpu_count() or 1, frames_THWC.shape[0])
-    if workers <= 1:
-        for index in range(frames_THWC.shape[0]):
-            resize(index)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(resize, range(frames_THWC.shape[0])))
-    return out
+    image = Image.fromarray(np.ascontiguousarray(frame_HWC))
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
 
 
 def preprocess_frames(
-    frames_THWC: np.ndarray, size: int, mean: Sequence[float], std: Sequence[float]
+    frames_THWC: np.ndarray,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    threads: int = PREPROCESS_THREADS,
 ) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float32 (T, 3, S, S), bit-identical to the PIL SigLIP image processor."""
-    frames_THWC = resize_frames(frames_THWC, size)
-    if not frames_THWC.flags.writeable or not frames_THWC.flags.c_contiguous:
-        frames_THWC = np.array(frames_THWC)  # decoded or PIL-backed arrays may be read-only
+    count = frames_THWC.shape[0]
     table = _normalisation_table(tuple(float(x) for x in mean), tuple(float(x) for x in std))
-    offsets = (torch.arange(3) * 256).view(1, 3, 1, 1)
-    out = torch.empty(frames_THWC.shape[0], 3, size, size, dtype=torch.float32)
-    for start in range(0, frames_THWC.shape[0], _NORMALISE_CHUNK):
-        chunk = torch.from_numpy(frames_THWC[start : start + _NORMALISE_CHUNK]).permute(0, 3, 1, 2)
-        out[start : start + chunk.shape[0]] = table[chunk.long() + offsets]
+    out = torch.empty(count, 3, size, size, dtype=torch.float32)
+    out_np = out.numpy()
+    resize = frames_THWC.shape[1:3] != (size, size)
+
+    def one(index: int) -> None:
+        frame = _resize_one(frames_THWC[index], size) if resize else frames_THWC[index]
+        for channel in range(3):
+            out_np[index, channel] = table[channel][frame[..., channel]]
+
+    workers = min(threads, count)
+    if workers <= 1:
+        for index in range(count):
+            one(index)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, range(count)))
     return out

@@ -5,7 +5,13 @@ import json
 
 import torch
 from safetensors.torch import save_file
-from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    SiglipImageProcessorPil,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from longvila.text.tokenizer import load_tiny_tokenizer
 
@@ -35,7 +41,13 @@ def official_projector_state(kind: str, c: int, d: int, seed: int = 0) -> dict[s
     """Random weights under the release's `layers.<index>` keys for a projector type."""
     g = torch.Generator().manual_seed(seed)
     if kind == "mlp_downsample_3x3_fix":
-        shapes = {1: ("ln", 9 * c), 2: ("fc", 9 * c, 3 * c), 4: ("ln", 3 * c), 5: ("fc", 3 * c, d), 7: ("fc", d, d)}
+        shapes = {
+            1: ("ln", 9 * c),
+            2: ("fc", 9 * c, 3 * c),
+            4: ("ln", 3 * c),
+            5: ("fc", 3 * c, d),
+            7: ("fc", d, d),
+        }
     else:
         shapes = {1: ("ln", 4 * c), 2: ("fc", 4 * c, d), 4: ("fc", d, d)}
     state = {}
@@ -66,7 +78,9 @@ def official_projector_forward(state, kind: str, features_FPC: torch.Tensor, ord
     return fc(4, f.gelu(fc(2, ln(1, x))))
 
 
-def tiny_parts(image_size: int, patch_size: int, layers: int = 2, seed: int = 0, llm_cls=None, llm_config=None):
+def tiny_parts(
+    image_size: int, patch_size: int, layers: int = 2, seed: int = 0, llm_cls=None, llm_config=None
+):
     """(llm, vision, tokenizer): a tiny Qwen2 (or `llm_cls(llm_config)`) and a tiny SigLIP."""
     torch.manual_seed(seed)
     tokenizer = load_tiny_tokenizer()

@@ -98,7 +98,9 @@ def test_any_hf_causal_lm_under_llm(tmp_path):
     )
     llm, vision, tokenizer = tiny_parts(56, 8, llm_cls=LlamaForCausalLM, llm_config=config)
     state = official_projector_state("mlp_downsample", 8, 32)
-    write_split_layout(tmp_path, llm, vision, state, tokenizer, "mlp_downsample", top_config("nvila", "mlp_downsample"))
+    write_split_layout(
+        tmp_path, llm, vision, state, tokenizer, "mlp_downsample", top_config("nvila", "mlp_downsample")
+    )
     model = LongVILA.from_pretrained(tmp_path).eval()
     assert model.llm.config.model_type == "llama"
     ids = torch.randint(10, 200, (1, 9))
@@ -109,7 +111,9 @@ def test_any_hf_causal_lm_under_llm(tmp_path):
 # ---- the order rule --------------------------------------------------------------------------------
 def _layout(tmp_path, kind="mlp_downsample", top=None):
     llm, vision, tokenizer = tiny_parts(56, 8)
-    return write_split_layout(tmp_path, llm, vision, official_projector_state(kind, 8, 32), tokenizer, kind, top)
+    return write_split_layout(
+        tmp_path, llm, vision, official_projector_state(kind, 8, 32), tokenizer, kind, top
+    )
 
 
 def test_without_a_top_config_the_rule_guesses_column_and_warns(tmp_path):
@@ -148,8 +152,16 @@ REFUSED = [
     ("config.json", "s2", True),
     ("config.json", "image_aspect_ratio", "dynamic_s2"),
     ("config.json", "image_aspect_ratio", "pad"),
-    ("config.json", "video_encoder", '{"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[8, 1, 1]]}'),
-    ("config.json", "image_encoder", '{"_target_": "llava.model.encoders.BasicImageEncoder", "end_tokens": null}'),
+    (
+        "config.json",
+        "video_encoder",
+        '{"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[8, 1, 1]]}',
+    ),
+    (
+        "config.json",
+        "image_encoder",
+        '{"_target_": "llava.model.encoders.BasicImageEncoder", "end_tokens": null}',
+    ),
     ("config.json", "num_time_tokens", 8),
     ("config.json", "mm_use_im_start_end", True),
     ("config.json", "mm_vision_select_feature", "patch"),
@@ -188,7 +200,9 @@ def test_a_non_siglip_vision_tower_and_multi_scale_projector_fail_clearly(tmp_pa
         LongVILA.from_pretrained(path)
     llm, vision, tokenizer = tiny_parts(56, 8)
     state = official_projector_state("mlp_downsample", 8 * 3, 32)  # NVILA dynamic-S2: 3 scales of features
-    path = write_split_layout(tmp_path / "b", llm, vision, state, tokenizer, "mlp_downsample", top_config("nvila", "mlp_downsample"))
+    path = write_split_layout(
+        tmp_path / "b", llm, vision, state, tokenizer, "mlp_downsample", top_config("nvila", "mlp_downsample")
+    )
     with pytest.raises(CheckpointError, match=r"layers\.1\.weight.*multi-scale"):
         LongVILA.from_pretrained(path)
 
@@ -202,7 +216,9 @@ def test_rope_theta_and_linear_scaling_of_the_1m_checkpoint_are_honoured(tmp_pat
     config_file = path / "llm" / "config.json"
     data = json.loads(config_file.read_text())
     data.pop("rope_parameters", None)
-    data.update(rope_theta=1062356830, rope_scaling={"type": "linear", "factor": 4.0}, max_position_embeddings=524288)
+    data.update(
+        rope_theta=1062356830, rope_scaling={"type": "linear", "factor": 4.0}, max_position_embeddings=524288
+    )
     config_file.write_text(json.dumps(data))
     model = LongVILA.from_pretrained(path).eval()
     rope = model.llm.config.rope_parameters
@@ -233,7 +249,9 @@ def test_merge_blocks_matches_loops_for_every_block_and_order():
         for grid in (5, 7, 8, 9, 27, 32):
             x = torch.randn(2, grid * grid, 3, dtype=torch.float64)
             for order in ("column", "row"):
-                torch.testing.assert_close(merge_blocks(x, k, order), merge_by_loops(x, k, order), rtol=0, atol=0)
+                torch.testing.assert_close(
+                    merge_blocks(x, k, order), merge_by_loops(x, k, order), rtol=0, atol=0
+                )
 
 
 def test_projector_keeps_the_release_keys_per_type():
@@ -242,3 +260,64 @@ def test_projector_keeps_the_release_keys_per_type():
     )
     with pytest.raises(ValueError, match="always uses row-major"):
         DownsampleProjector(4, 6, "mlp_downsample_2x2_fix", "column")
+
+
+# ---- the NVILA -hf layout --------------------------------------------------------------------------
+def write_nvila_hf(root, llm, vision, projector_state, tokenizer, extra=None):
+    """config.json with text_config / vision_config / token ids, one safetensors with llm.* /
+    vision_tower.vision_model.* / mm_projector.* keys, tokenizer and preprocessor config at the top."""
+    from safetensors.torch import save_file
+    from transformers import SiglipImageProcessorPil
+
+    root.mkdir(parents=True)
+    state = {"llm." + k: v for k, v in llm.state_dict().items()}
+    state.update({"vision_tower.vision_model." + k: v for k, v in vision.state_dict().items()})
+    state.update({"mm_projector." + k: v for k, v in projector_state.items()})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "model.safetensors"))
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = {
+        "model_type": "nvila",
+        "architectures": ["NVILAForConditionalGeneration"],
+        "text_config": llm.config.to_dict(),
+        "vision_config": vision.config.to_dict(),
+        "image_token_id": image_id,
+        "video_token_id": image_id,
+        **(extra or {}),
+    }
+    (root / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(str(root))
+    size = vision.config.image_size
+    SiglipImageProcessorPil(size={"height": size, "width": size}).save_pretrained(root)
+    return root
+
+
+def test_nvila_hf_layout_built_from_hf_parts_loads_row_major(tmp_path):
+    llm, vision, tokenizer = tiny_parts(70, 14)
+    state = official_projector_state("mlp_downsample", 8, 32)
+    path = write_nvila_hf(tmp_path / "hf", llm, vision, state, tokenizer)
+    model = LongVILA.from_pretrained(path).eval()
+    proc = LongVILAProcessor.from_pretrained(path)
+    assert model.config.projector_token_order == "row" and proc.tokens_per_frame == 9
+    pixel_values = torch.randn(2, 3, 70, 70)
+    with torch.no_grad():
+        got = model.encode_frames(pixel_values)
+    torch.testing.assert_close(
+        got, reference_embeddings(vision, state, "mlp_downsample", pixel_values, "row")
+    )
+    ids = torch.randint(10, 200, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, llm(input_ids=ids).logits)
+
+
+def test_nvila_hf_multi_scale_config_fails_naming_the_key(tmp_path):
+    llm, vision, tokenizer = tiny_parts(56, 8)
+    path = write_nvila_hf(
+        tmp_path / "hf",
+        llm,
+        vision,
+        official_projector_state("mlp_downsample", 24, 32),
+        tokenizer,
+        {"mm_hidden_size": 24},
+    )
+    with pytest.raises(CheckpointError, match=rf"{path / 'config.json'}: mm_hidden_size = 24"):
+        LongVILA.from_pretrained(path)

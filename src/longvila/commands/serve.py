@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from longvila.serve.server import create_server
 
     try:
-        model, processor = load_for_inference(args.model, args.device, args.dtype, projector_order=args.projector_order)
+        model, processor = load_for_inference(
+            args.model, args.device, args.dtype, projector_order=args.projector_order
+        )
         server = create_server(
             model,
             processor,

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ INDEX_NAME = "model.safetensors.index.json"
 VISION_PREFIX = "vision_model."
 
 
-__all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "save_official", "save_hf"]
+__all__ = ["CheckpointError", "detect_layout", "load_pretrained", "processor_settings", "save_pretrained"]
 
 # LongVILAConfig fields that neither foreign layout has a key for; kept under "longvila" in their top
 # config so that a round trip through them is lossless.
@@ -100,6 +101,18 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def check_processor_matches(model, processor) -> None:
+    """A processor saved with a model must lay out as many tokens per frame, at the same size."""
+    if processor is None:
+        return
+    config = model.config
+    if (processor.tokens_per_frame, processor.image_size) != (config.tokens_per_frame, config.image_size):
+        raise ValueError(
+            f"the processor makes {processor.tokens_per_frame} tokens per {processor.image_size} px frame but the "
+            f"model {config.tokens_per_frame} per {config.image_size} px frame ({config.projector_type})"
+        )
+
+
 def _write_atomically(path: str | Path, write) -> None:
     """Run `write(tmp_dir)`, then rename tmp_dir to `path`; on any failure nothing is left behind."""
     path = Path(path)
@@ -136,6 +149,7 @@ def _sync_llm_config(model) -> dict[str, Any]:
 
 def save_pretrained(model, path: str | Path, *, processor=None, max_shard_size: str | int = "5GB") -> None:
     """Our format (module docstring), written under a temporary name and renamed into place."""
+    check_processor_matches(model, processor)
 
     def write(tmp: Path) -> None:
         _sync_llm_config(model)
@@ -224,8 +238,6 @@ def _load_model_weights(config: LongVILAConfig, path: Path, dtype: torch.dtype |
     if dtype is not None:
         model.to(dtype)
     return model
-
-
 
 
 # ---- the official split layout (read) --------------------------------------------------------------
@@ -440,7 +452,9 @@ def detect_layout(path: Path) -> str:
     )
 
 
-def load_pretrained(path: str | Path, *, dtype: torch.dtype | None = None, projector_order: str | None = None):
+def load_pretrained(
+    path: str | Path, *, dtype: torch.dtype | None = None, projector_order: str | None = None
+):
     """Any layout `detect_layout` knows; `projector_order` overrides the 2x2 token order."""
     path = Path(path)
     layout = detect_layout(path)
@@ -459,14 +473,26 @@ def processor_settings(path: str | Path) -> tuple[Path, dict[str, Any]]:
         size, tokens = config.image_size, config.tokens_per_frame
         mean, std, frames, tokenizer = config.image_mean, config.image_std, None, path
     elif layout == "official":
-        settings = _official_layout_settings(path, None)
+        with warnings.catch_warnings():  # the token order does not matter to the processor
+            warnings.simplefilter("ignore")
+            settings = _official_layout_settings(path, None)
         grid = settings["vision"].image_size // settings["vision"].patch_size
         size = settings["vision"].image_size
         tokens = math.ceil(grid / projector_block(settings["projector_type"])) ** 2
-        mean, std, frames, tokenizer = settings["image_mean"], settings["image_std"], settings["num_frames"], path / "llm"
+        mean, std, frames, tokenizer = (
+            settings["image_mean"],
+            settings["image_std"],
+            settings["num_frames"],
+            path / "llm",
+        )
     else:
         raise CheckpointError(f"{path}: a longvila checkpoint keeps its processor in processor_config.json")
-    result = {"tokens_per_frame": tokens, "image_size": size, "image_mean": list(mean), "image_std": list(std)}
+    result = {
+        "tokens_per_frame": tokens,
+        "image_size": size,
+        "image_mean": list(mean),
+        "image_std": list(std),
+    }
     if frames:
         result["num_frames"] = int(frames)
     return tokenizer, result

@@ -19,6 +19,7 @@ from longvila.model.checkpoint import (
     _vision_keys_to_canonical,
     _write_atomically,
     _write_weights,
+    check_processor_matches,
     model_state_for_saving,
 )
 
@@ -57,16 +58,19 @@ def _vision_config_dict(model) -> dict[str, Any]:
     return vision
 
 
-def _require_processor(processor, layout: str):
+def _require_processor(model, processor, layout: str):
     if processor is None:
-        raise ValueError(f"writing the {layout} layout needs the processor (its tokenizer goes with the model)")
+        raise ValueError(
+            f"writing the {layout} layout needs the processor (its tokenizer goes with the model)"
+        )
+    check_processor_matches(model, processor)
     return processor
 
 
 def save_official(model, path: str | Path, *, processor, max_shard_size: str | int = "5GB") -> None:
     """llm/ (HF causal LM + tokenizer), vision_tower/ (SigLIP + preprocessor config), mm_projector/
     (its type + `layers.*` weights) and a top VILA config."""
-    processor = _require_processor(processor, "official")
+    processor = _require_processor(model, processor, "official")
     config = model.config
 
     def write(tmp: Path) -> None:
@@ -77,7 +81,9 @@ def save_official(model, path: str | Path, *, processor, max_shard_size: str | i
         vision_dir.mkdir()
         _write_json(vision_dir / CONFIG_NAME, _vision_config_dict(model))
         vision_state = _vision_keys_to_canonical(model.vision_tower.model.state_dict())
-        _write_weights({k: v.detach().contiguous() for k, v in vision_state.items()}, vision_dir, max_shard_size)
+        _write_weights(
+            {k: v.detach().contiguous() for k, v in vision_state.items()}, vision_dir, max_shard_size
+        )
         _write_json(vision_dir / "preprocessor_config.json", _preprocessor_config(config))
         projector_dir = tmp / "mm_projector"
         projector_dir.mkdir()
@@ -112,7 +118,7 @@ def save_official(model, path: str | Path, *, processor, max_shard_size: str | i
 def save_hf(model, path: str | Path, *, processor, max_shard_size: str | int = "5GB") -> None:
     """One config (`model_type` "nvila", `text_config`, `vision_config`, token ids), weights under
     `llm.` / `vision_tower.vision_model.` / `mm_projector.`, tokenizer and processor configs at the top."""
-    processor = _require_processor(processor, "NVILA -hf")
+    processor = _require_processor(model, processor, "NVILA -hf")
     config = model.config
     vocab = processor.tokenizer.get_vocab()
 

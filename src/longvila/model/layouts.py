@@ -188,7 +188,9 @@ def decide_token_order(
     file, explicit = _first(tops, "projector_token_order")
     if explicit is not None:
         if explicit not in TOKEN_ORDERS:
-            raise CheckpointError(f"{file}: projector_token_order = {explicit!r} is not one of {TOKEN_ORDERS}")
+            raise CheckpointError(
+                f"{file}: projector_token_order = {explicit!r} is not one of {TOKEN_ORDERS}"
+            )
         return TokenOrder(explicit, f"projector_token_order in {file}")
     for file, data in tops:
         if data.get("model_type") == "vila" or "auto_map" in data or "version" in data:

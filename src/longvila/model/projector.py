@@ -39,7 +39,9 @@ def merge_blocks(features_FPC: torch.Tensor, block: int, token_order: str) -> to
     frames, patches, channels = features_FPC.shape
     grid = math.isqrt(patches)
     if grid * grid != patches:
-        raise ValueError(f"the {block}x{block} merge needs a square patch grid, got {patches} patches per frame")
+        raise ValueError(
+            f"the {block}x{block} merge needs a square patch grid, got {patches} patches per frame"
+        )
     x = features_FPC.reshape(frames, grid, grid, channels)
     pad = (-grid) % block
     if pad:
@@ -82,7 +84,9 @@ class DownsampleProjector(nn.Module):
         if token_order not in TOKEN_ORDERS:
             raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {token_order!r}")
         if fixed is not None and token_order != fixed:
-            raise ValueError(f"{projector_type} always uses {fixed}-major tokens, got token_order {token_order!r}")
+            raise ValueError(
+                f"{projector_type} always uses {fixed}-major tokens, got token_order {token_order!r}"
+            )
         self.projector_type = projector_type
         self.token_order = token_order
         c, d = vision_hidden_size, llm_hidden_size
