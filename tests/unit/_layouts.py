@@ -78,24 +78,27 @@ def official_projector_forward(state, kind: str, features_FPC: torch.Tensor, ord
     return fc(4, f.gelu(fc(2, ln(1, x))))
 
 
+def tiny_qwen2(vocab_size: int) -> Qwen2ForCausalLM:
+    """A 2-layer, 32-wide Qwen2 with untied head."""
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
 def tiny_parts(
     image_size: int, patch_size: int, layers: int = 2, seed: int = 0, llm_cls=None, llm_config=None
 ):
     """(llm, vision, tokenizer): a tiny Qwen2 (or `llm_cls(llm_config)`) and a tiny SigLIP."""
     torch.manual_seed(seed)
     tokenizer = load_tiny_tokenizer()
-    if llm_cls is None:
-        llm_cls = Qwen2ForCausalLM
-        llm_config = Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        )
-    llm = llm_cls(llm_config).eval()
+    llm = tiny_qwen2(len(tokenizer)) if llm_cls is None else llm_cls(llm_config).eval()
     vision = SiglipVisionModel(
         SiglipVisionConfig(
             image_size=image_size,

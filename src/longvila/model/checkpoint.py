@@ -52,11 +52,11 @@ __all__ = ["CheckpointError", "detect_layout", "load_pretrained", "processor_set
 
 # LongVILAConfig fields that neither foreign layout has a key for; kept under "longvila" in their top
 # config so that a round trip through them is lossless.
-_EXTRA_FIELDS = ("vision_micro_batch", "attn_implementation", "extra")
+EXTRA_FIELDS = ("vision_micro_batch", "attn_implementation", "extra")
 
 
 # ---- key canonicalisation -----------------------------------------------------------------------
-def _vision_keys_to_canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def vision_keys_to_canonical(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SigLIP keys as Hugging Face has long written them (`vision_model.` prefix), whatever the
     installed transformers version names them in memory."""
     return {k if k.startswith(VISION_PREFIX) else VISION_PREFIX + k: v for k, v in state.items()}
@@ -64,7 +64,7 @@ def _vision_keys_to_canonical(state: dict[str, torch.Tensor]) -> dict[str, torch
 
 def _vision_keys_to_module(state: dict[str, torch.Tensor], module_keys: set[str]) -> dict[str, torch.Tensor]:
     if any(k.startswith(VISION_PREFIX) for k in module_keys):
-        return _vision_keys_to_canonical(state)
+        return vision_keys_to_canonical(state)
     return {k.removeprefix(VISION_PREFIX): v for k, v in state.items()}
 
 
@@ -77,7 +77,7 @@ def model_state_for_saving(model) -> dict[str, torch.Tensor]:
             continue  # tied weights (lm_head = embed_tokens) are stored once
         seen[pointer] = key
         state["llm." + key] = value
-    for key, value in _vision_keys_to_canonical(model.vision_tower.model.state_dict()).items():
+    for key, value in vision_keys_to_canonical(model.vision_tower.model.state_dict()).items():
         state["vision_tower." + key] = value
     for key, value in model.mm_projector.state_dict().items():
         state["mm_projector." + key] = value
@@ -113,7 +113,7 @@ def check_processor_matches(model, processor) -> None:
         )
 
 
-def _write_atomically(path: str | Path, write) -> None:
+def write_atomically(path: str | Path, write) -> None:
     """Run `write(tmp_dir)`, then rename tmp_dir to `path`; on any failure nothing is left behind."""
     path = Path(path)
     tmp = _atomic_dir(path)
@@ -125,7 +125,7 @@ def _write_atomically(path: str | Path, write) -> None:
         raise
 
 
-def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str | int) -> None:
+def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str | int) -> None:
     """`model.safetensors`, or shards and `model.safetensors.index.json` when over `max_shard_size`."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -139,7 +139,7 @@ def _write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size:
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _sync_llm_config(model) -> dict[str, Any]:
+def sync_llm_config(model) -> dict[str, Any]:
     """The LLM's live Hugging Face config as a dict (with model_type), stored back into model.config."""
     llm = {**model.llm.config.to_dict(), "model_type": model.llm.config.model_type}
     llm.pop("_attn_implementation_autoset", None)
@@ -152,13 +152,13 @@ def save_pretrained(model, path: str | Path, *, processor=None, max_shard_size: 
     check_processor_matches(model, processor)
 
     def write(tmp: Path) -> None:
-        _sync_llm_config(model)
+        sync_llm_config(model)
         model.config.save(tmp / CONFIG_NAME)
-        _write_weights(model_state_for_saving(model), tmp, max_shard_size)
+        write_weights(model_state_for_saving(model), tmp, max_shard_size)
         if processor is not None:
             processor.save_pretrained(tmp)
 
-    _write_atomically(path, write)
+    write_atomically(path, write)
 
 
 # ---- reading --------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def _assemble(llm, vision_model, projector, *, image_token_id: int, settings: di
 
     vision_config = {**vision_model.config.to_dict(), "model_type": "siglip_vision_model"}
     llm_config = {**llm.config.to_dict(), "model_type": llm.config.model_type}
-    extras = {k: v for k, v in settings.get("longvila", {}).items() if k in _EXTRA_FIELDS}
+    extras = {k: v for k, v in settings.get("longvila", {}).items() if k in EXTRA_FIELDS}
     config = LongVILAConfig(
         llm=llm_config,
         vision=vision_config,
@@ -404,7 +404,7 @@ def _hf_config(path: Path, projector_order: str | None) -> LongVILAConfig:
     order = decide_token_order(projector_type, tops, projector_order, path)
     text = dict(data["text_config"])
     text.setdefault("model_type", "qwen2")
-    extras = {k: v for k, v in (data.get("longvila") or {}).items() if k in _EXTRA_FIELDS}
+    extras = {k: v for k, v in (data.get("longvila") or {}).items() if k in EXTRA_FIELDS}
     settings = _preprocessor_settings(path / "preprocessor_config.json")
     try:
         return LongVILAConfig(

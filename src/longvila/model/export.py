@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from longvila.model.checkpoint import (
-    _EXTRA_FIELDS,
     CONFIG_NAME,
-    _sync_llm_config,
-    _vision_keys_to_canonical,
-    _write_atomically,
-    _write_weights,
+    EXTRA_FIELDS,
     check_processor_matches,
     model_state_for_saving,
+    sync_llm_config,
+    vision_keys_to_canonical,
+    write_atomically,
+    write_weights,
 )
 
 VIDEO_TOKEN = "<vila/video>"
@@ -49,7 +49,7 @@ def _preprocessor_config(config) -> dict[str, Any]:
 
 
 def _extras(config) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in _EXTRA_FIELDS}
+    return {name: getattr(config, name) for name in EXTRA_FIELDS}
 
 
 def _vision_config_dict(model) -> dict[str, Any]:
@@ -74,14 +74,14 @@ def save_official(model, path: str | Path, *, processor, max_shard_size: str | i
     config = model.config
 
     def write(tmp: Path) -> None:
-        llm = _sync_llm_config(model)
+        llm = sync_llm_config(model)
         model.llm.save_pretrained(str(tmp / "llm"), max_shard_size=max_shard_size)
         processor.tokenizer.save_pretrained(str(tmp / "llm"))
         vision_dir = tmp / "vision_tower"
         vision_dir.mkdir()
         _write_json(vision_dir / CONFIG_NAME, _vision_config_dict(model))
-        vision_state = _vision_keys_to_canonical(model.vision_tower.model.state_dict())
-        _write_weights(
+        vision_state = vision_keys_to_canonical(model.vision_tower.model.state_dict())
+        write_weights(
             {k: v.detach().contiguous() for k, v in vision_state.items()}, vision_dir, max_shard_size
         )
         _write_json(vision_dir / "preprocessor_config.json", _preprocessor_config(config))
@@ -94,7 +94,7 @@ def save_official(model, path: str | Path, *, processor, max_shard_size: str | i
         }
         _write_json(projector_dir / CONFIG_NAME, projector_cfg)
         projector_state = {k: v.detach().contiguous() for k, v in model.mm_projector.state_dict().items()}
-        _write_weights(projector_state, projector_dir, max_shard_size)
+        write_weights(projector_state, projector_dir, max_shard_size)
         top = {
             "model_type": "llava_llama",
             "architectures": ["LlavaLlamaModel"],
@@ -112,7 +112,7 @@ def save_official(model, path: str | Path, *, processor, max_shard_size: str | i
         }
         _write_json(tmp / CONFIG_NAME, top)
 
-    _write_atomically(path, write)
+    write_atomically(path, write)
 
 
 def save_hf(model, path: str | Path, *, processor, max_shard_size: str | int = "5GB") -> None:
@@ -123,7 +123,7 @@ def save_hf(model, path: str | Path, *, processor, max_shard_size: str | int = "
     vocab = processor.tokenizer.get_vocab()
 
     def write(tmp: Path) -> None:
-        llm = _sync_llm_config(model)
+        llm = sync_llm_config(model)
         top = {
             "model_type": "nvila",
             "architectures": ["NVILAForConditionalGeneration"],
@@ -137,8 +137,8 @@ def save_hf(model, path: str | Path, *, processor, max_shard_size: str | int = "
             "longvila": _extras(config),
         }
         _write_json(tmp / CONFIG_NAME, top)
-        _write_weights(model_state_for_saving(model), tmp, max_shard_size)
+        write_weights(model_state_for_saving(model), tmp, max_shard_size)
         processor.save_pretrained(tmp)
         _write_json(tmp / "preprocessor_config.json", _preprocessor_config(config))
 
-    _write_atomically(path, write)
+    write_atomically(path, write)
