@@ -321,3 +321,26 @@ def test_nvila_hf_multi_scale_config_fails_naming_the_key(tmp_path):
     )
     with pytest.raises(CheckpointError, match=rf"{path / 'config.json'}: mm_hidden_size = 24"):
         LongVILA.from_pretrained(path)
+
+
+def test_dynamic_aspect_ratio_loads_with_a_warning_about_single_images(tmp_path):
+    top = {
+        **top_config("nvila", "mlp_downsample"),
+        "image_aspect_ratio": "dynamic",
+        "mm_vision_select_layer": -1,
+    }
+    with pytest.warns(UserWarning, match="image_aspect_ratio 'dynamic'"):
+        model = LongVILA.from_pretrained(_layout(tmp_path, top=top))
+    assert model.config.vision_select_layer == -1
+
+
+def test_our_configs_from_before_the_order_field_load_column_major(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert config.pop("projector_token_order") == "column"
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    assert LongVILA.from_pretrained(tmp_path / "old").config.projector_token_order == "column"
+    assert (
+        LongVILA.from_pretrained(tmp_path / "old", projector_order="row").config.projector_token_order
+        == "row"
+    )

@@ -52,3 +52,19 @@ def test_a_different_filter_would_be_caught():
     torch_pixels = (x / 255 - 0.5) / 0.5
     assert not torch.equal(torch_pixels, hf_pixels(frames, 64, *SIGLIP))
     assert torch.equal(preprocess_frames(frames, 64, *SIGLIP), hf_pixels(frames, 64, *SIGLIP))
+
+
+def test_the_benchmark_runs_and_checks_identity(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "preprocess.py"
+    out = tmp_path / "result.json"
+    args = ["--frames", "4", "--cases", "240p:64", "--repeats", "1", "--out", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["identical"] and case["frames"] == 4
+    assert {"longvila_fps", "hf_pil_fps", "torch_bicubic_fps", "speedup_vs_hf"} <= set(case)

@@ -285,7 +285,9 @@ def _official_layout_settings(path: Path, projector_order: str | None) -> dict[s
         "vision": vision,
         "projector_type": projector_type,
         "token_order": order.order,
-        "select_layer": int(top.get("mm_vision_select_layer") or -2),
+        "select_layer": int(top["mm_vision_select_layer"])
+        if top.get("mm_vision_select_layer") is not None
+        else -2,
         "num_frames": top.get("num_video_frames"),
         "longvila": top.get("longvila") or {},
         **_preprocessor_settings(path / "vision_tower" / "preprocessor_config.json"),
