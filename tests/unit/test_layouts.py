@@ -168,6 +168,7 @@ REFUSED = [
     ("config.json", "ps3", True),
     ("config.json", "video_max_tiles", 4),
     ("config.json", "vision_resolution", 896),
+    ("config.json", "mm_hidden_size", 3456),
     ("config_vila_style.json", "dynamic_s2", True),
     ("mm_projector/config.json", "mm_projector_type", "mlp2x_gelu"),
 ]

@@ -278,6 +278,7 @@ def _official_layout_settings(path: Path, projector_order: str | None) -> dict[s
     tops = read_top_configs(path)
     vision = _vision_config(path / "vision_tower")
     check_supported(tops, vision.image_size)
+    _check_mm_hidden_size(tops, vision.hidden_size)
     projector_type, _ = projector_type_of(path, tops)
     order = decide_token_order(projector_type, tops, projector_order, path)
     top = {k: v for _, data in reversed(tops) for k, v in data.items()}  # config.json wins
@@ -357,6 +358,17 @@ def load_official(path: Path, dtype: torch.dtype | None = None, projector_order:
     )
 
 
+def _check_mm_hidden_size(tops: list[tuple[Path, dict[str, Any]]], vision_width: int) -> None:
+    """`mm_hidden_size` other than the tower's width means multi-scale (S2) features: 3 x 1152 in NVILA-8B."""
+    for file, data in tops:
+        mm_hidden = data.get("mm_hidden_size")
+        if mm_hidden is not None and int(mm_hidden) != vision_width:
+            raise CheckpointError(
+                f"{file}: mm_hidden_size = {mm_hidden!r} is not supported: it is not the vision tower's width "
+                f"{vision_width} (multi-scale S2 features)"
+            )
+
+
 def _check_projector_width(state, key: str, projector, where: Path) -> None:
     """A first LayerNorm wider than k*k x the tower's width is NVILA's multi-scale (S2) input: say so."""
     expected = projector.layers[1].weight.shape[0]
@@ -392,12 +404,7 @@ def _hf_config(path: Path, projector_order: str | None) -> LongVILAConfig:
             raise CheckpointError(f"{file}: model_type 'nvila' needs a {key} object")
     vision = {**data["vision_config"], "model_type": "siglip_vision_model"}
     check_supported([(file, data)], int(vision.get("image_size", 224)))
-    mm_hidden = data.get("mm_hidden_size")
-    if mm_hidden is not None and int(mm_hidden) != int(vision.get("hidden_size", 0)):
-        raise CheckpointError(
-            f"{file}: mm_hidden_size = {mm_hidden!r} is not supported: it is not the vision tower's width "
-            f"{vision.get('hidden_size')} (multi-scale S2 features)"
-        )
+    _check_mm_hidden_size([(file, data)], int(vision.get("hidden_size", 0)))
     projector_type = data.get("mm_projector_type", "mlp_downsample")
     tops = [(file, data)]
     if projector_order is None and "projector_token_order" not in data:
