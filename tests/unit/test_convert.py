@@ -167,3 +167,33 @@ def test_projector_order_flag_where_checkpoints_are_loaded():
         assert parser.parse_args([*needed[name], "--projector-order", "row"]).projector_order == "row"
         with pytest.raises(SystemExit):
             parser.parse_args([*needed[name], "--projector-order", "diagonal"])
+
+
+def test_keep_writes_the_stored_dtype_and_dtype_casts(tmp_path):
+    from safetensors import safe_open
+
+    model = lively("mlp_downsample", "row").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "ours", processor=processor_of(model))
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "longvila"]) == 0
+    back = LongVILA.from_pretrained(tmp_path / "back", dtype=torch.bfloat16)
+    for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), name
+    with safe_open(str(tmp_path / "back" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "ours"),
+                str(tmp_path / "f32"),
+                "--to",
+                "official",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
+    with safe_open(str(tmp_path / "f32" / "mm_projector" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}

@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "convert checkpoints between the longvila, official (llm/ vision_tower/ mm_projector/) and NVILA -hf layouts"
+HELP = "convert checkpoints between the longvila, official and NVILA -hf layouts"
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 TARGETS = ("longvila", "official", "hf")
 DTYPES = ("keep", "float32", "bfloat16", "float16")
 
@@ -34,6 +35,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace DST when it already exists")
 
 
+def stored_float_dtype(path: Path):
+    """The floating dtype most weights under `path` are stored in (None when there are none), so that
+    `--dtype keep` writes what it read: models are built in float32 before the weights are copied in."""
+    import torch
+    from safetensors import safe_open
+
+    counts: dict[str, int] = {}
+    for file in path.rglob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                name = _SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype())
+                if name is not None:
+                    counts[name] = counts.get(name, 0) + 1
+    return getattr(torch, max(counts, key=counts.get)) if counts else None
+
+
 def _error(message: str) -> int:
     print(f"longvila convert: error: {message}", file=sys.stderr)
     return 1
@@ -53,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from longvila.model.checkpoint import CheckpointError
     from longvila.model.export import save_hf, save_official
 
-    dtype = None if args.dtype == "keep" else getattr(torch, args.dtype)
+    dtype = stored_float_dtype(src) if args.dtype == "keep" else getattr(torch, args.dtype)
     try:
         model = LongVILA.from_pretrained(src, dtype=dtype, projector_order=args.projector_order)
         processor = LongVILAProcessor.from_pretrained(src)
