@@ -7,7 +7,7 @@ processor in the same run, with the outputs checked bit-identical.
 Each case times `longvila.processor.preprocess_frames` (PIL bicubic in threads, one table gather for the
 normalisation), `SiglipImageProcessorPil` called on the list of frames (the reference the official models
 were trained with), and, for scale, the torch bicubic-antialias resize longvila used before (not equal
-to the reference).
+to the reference). `pil_resize_only` is PIL's resize alone on one thread: the floor for one thread.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def torch_bicubic(frames: np.ndarray, size: int) -> torch.Tensor:
 def run_case(source: str, size: int, count: int, repeats: int) -> dict:
     from transformers import SiglipImageProcessorPil
 
-    from longvila.processor import preprocess_frames
+    from longvila.processor import _resize_one, preprocess_frames
 
     height, width = SOURCES[source]
     frames = np.random.default_rng(0).integers(0, 256, (count, height, width, 3), dtype=np.uint8)
@@ -59,6 +59,8 @@ def run_case(source: str, size: int, count: int, repeats: int) -> dict:
         "longvila_1_thread": lambda: preprocess_frames(frames, size, half, half, threads=1),
         "hf_pil": lambda: torch.from_numpy(np.stack(hf(list(frames))["pixel_values"])),
         "torch_bicubic": lambda: torch_bicubic(frames, size),
+        # the floor: PIL's resize alone, one thread (the reference algorithm; normalising adds to it)
+        "pil_resize_only": lambda: [_resize_one(frame, size) for frame in frames],
     }
     seconds, outputs = interleaved_best(methods, repeats)
     return {
