@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("longvila.commands.serve", "OpenAI-compatible HTTP server"),
     "data": ("longvila.commands.data", "build data: synthetic sets, long-video SFT, packed text"),
     "plan": ("longvila.commands.plan", "choose a parallel layout for a model, frame count and cluster"),
-    "convert": ("longvila.commands.convert", "convert checkpoints (official layout -> longvila)"),
+    "convert": (
+        "longvila.commands.convert",
+        "convert checkpoints between the longvila, official and NVILA -hf layouts",
+    ),
     "info": ("longvila.commands.info", "print versions, devices and a checkpoint's summary"),
 }
 

@@ -16,7 +16,14 @@ from typing import Any
 IMAGE_TOKEN = "<image>"
 """Placeholder token, one per frame in the text, expanded to `tokens_per_frame` ids by the processor."""
 
-PROJECTOR_TYPES = ("mlp_downsample",)
+PROJECTOR_TYPES = ("mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix")
+"""Projector types that load (docs/checkpoints.md): the 2x2 merge of LongVILA and the NVILA-era variants."""
+
+TOKEN_ORDERS = ("column", "row")
+
+# the block side of each projector type's merge, and the token order the `_fix` types always have
+PROJECTOR_BLOCK = {"mlp_downsample": 2, "mlp_downsample_2x2_fix": 2, "mlp_downsample_3x3_fix": 3}
+FIXED_TOKEN_ORDER = {"mlp_downsample_2x2_fix": "row", "mlp_downsample_3x3_fix": "row"}
 
 
 @dataclass(kw_only=True)
@@ -30,7 +37,13 @@ class LongVILAConfig:
     """Hugging Face `SiglipVisionConfig` as a dict."""
 
     projector_type: str = "mlp_downsample"
-    """Projector between vision features and LLM embeddings; LongVILA uses `mlp_downsample` (2x2 merge)."""
+    """Projector between vision features and LLM embeddings: `mlp_downsample` (2x2 merge, LongVILA),
+    `mlp_downsample_2x2_fix` (2x2, NVILA era) or `mlp_downsample_3x3_fix` (3x3, NVILA)."""
+
+    projector_token_order: str | None = None
+    """Order of the merged tokens of a frame: `column` (the LongVILA 2024-08 release's `mlp_downsample`)
+    or `row` (every VILA/NVILA release since 2024-12-12, and always for the `_fix` types). None takes the
+    type's own order (column for `mlp_downsample`, which is what configs written before this field meant)."""
 
     vision_select_layer: int = -2
     """Hidden state of the vision tower used as features: -2 is the second-to-last layer, as LongVILA."""
@@ -56,10 +69,23 @@ class LongVILAConfig:
     def __post_init__(self) -> None:
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type {self.projector_type!r} is not one of {PROJECTOR_TYPES}")
+        fixed = FIXED_TOKEN_ORDER.get(self.projector_type)
+        if self.projector_token_order is None:
+            self.projector_token_order = fixed or "column"
+        if self.projector_token_order not in TOKEN_ORDERS:
+            raise ValueError(
+                f"projector_token_order {self.projector_token_order!r} is not one of {TOKEN_ORDERS}"
+            )
+        if fixed is not None and self.projector_token_order != fixed:
+            raise ValueError(
+                f"projector_type {self.projector_type!r} always orders tokens {fixed}-major; "
+                f"projector_token_order {self.projector_token_order!r} contradicts it"
+            )
         if self.vision_micro_batch < 1:
             raise ValueError(f"vision_micro_batch must be >= 1, got {self.vision_micro_batch}")
         num_layers = int(self.vision.get("num_hidden_layers", 0))
-        if not -num_layers <= self.vision_select_layer <= num_layers:
+        # hidden state k is the output of layer k (0: the embeddings), so -(layers + 1) .. layers
+        if not -num_layers - 1 <= self.vision_select_layer <= num_layers:
             raise ValueError(
                 f"vision_select_layer {self.vision_select_layer} is outside the vision tower's "
                 f"{num_layers} layers"
@@ -78,9 +104,15 @@ class LongVILAConfig:
         return self.image_size // int(self.vision["patch_size"])
 
     @property
+    def projector_block(self) -> int:
+        """Side of the projector's merge: 2 (2x2) or 3 (3x3)."""
+        return PROJECTOR_BLOCK[self.projector_type]
+
+    @property
     def tokens_per_frame(self) -> int:
-        """LLM tokens per frame after the 2x2 merge: ceil(27 / 2) ** 2 = 196."""
-        return math.ceil(self.patch_grid / 2) ** 2
+        """LLM tokens per frame after the k x k merge: ceil(27 / 2) ** 2 = 196 (SigLIP 384 px, 2x2),
+        ceil(32 / 2) ** 2 = 256 (448 px, 2x2), ceil(32 / 3) ** 2 = 121 (448 px, 3x3)."""
+        return math.ceil(self.patch_grid / self.projector_block) ** 2
 
     @property
     def vision_hidden_size(self) -> int:

@@ -11,15 +11,17 @@ Labels are the token ids on assistant replies (and their `<|im_end|>`), -100 els
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from longvila.config import IMAGE_TOKEN, LongVILAConfig
 from longvila.data.sampling import sample_frame_array, uniform_indices  # noqa: F401 (re-export)
@@ -107,18 +109,22 @@ class LongVILAProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> LongVILAProcessor:
-        """From a longvila checkpoint directory or the official layout (llm/ + vision_tower/)."""
+        """From a longvila checkpoint directory, the official layout (llm/ + vision_tower/) or the
+        NVILA -hf layout."""
         path = Path(path)
         if (path / PROCESSOR_CONFIG).exists():
             settings = json.loads((path / PROCESSOR_CONFIG).read_text())
             return cls(load_tokenizer(path), **settings)
-        if (path / "llm").is_dir() and (path / "vision_tower").is_dir():
-            from longvila.model.checkpoint import official_processor_settings
+        from longvila.model.checkpoint import CheckpointError, detect_layout, processor_settings
 
-            return cls(load_tokenizer(path / "llm"), **official_processor_settings(path))
-        raise ValueError(
-            f"{path}: not a longvila checkpoint (no {PROCESSOR_CONFIG}) nor the official layout (llm/, vision_tower/)"
-        )
+        try:
+            detect_layout(path)
+        except (FileNotFoundError, CheckpointError) as exc:
+            raise ValueError(
+                f"{path}: not a longvila checkpoint (no {PROCESSOR_CONFIG}) nor a known foreign layout ({exc})"
+            ) from exc
+        tokenizer_dir, settings = processor_settings(path)  # the official and NVILA -hf layouts
+        return cls(load_tokenizer(tokenizer_dir), **settings)
 
     def save_pretrained(self, path: str | Path) -> None:
         path = Path(path)
@@ -150,17 +156,9 @@ class LongVILAProcessor:
 
     # ---- frames --------------------------------------------------------------------------------
     def preprocess_frames(self, frames_THWC: np.ndarray) -> torch.Tensor:
-        """uint8 (T, H, W, 3) -> float32 (T, 3, S, S): bicubic resize to the tower's square size,
-        scale to [0, 1], normalise with the tower's mean and std (SigLIP: 0.5, 0.5)."""
-        if not frames_THWC.flags.writeable:  # decoded or PIL-backed arrays may be read-only
-            frames_THWC = frames_THWC.copy()
-        x = torch.from_numpy(np.ascontiguousarray(frames_THWC)).permute(0, 3, 1, 2).float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
-            x = x.clamp_(0, 255)
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
-        return (x / 255.0 - mean) / std
+        """uint8 (T, H, W, 3) -> float32 (T, 3, S, S), equal to Hugging Face's PIL SigLIP image processor:
+        PIL bicubic resize to the tower's square size, then (x / 255 - mean) / std."""
+        return preprocess_frames(frames_THWC, self.image_size, self.image_mean, self.image_std)
 
     def _load_video(self, item: Any, num_frames: int | None, fps: float | None, max_frames: int | None):
         if isinstance(item, (str, Path)):
@@ -344,3 +342,59 @@ def _text_of(message: dict[str, Any], index: int) -> str:
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         return "".join(p["text"] for p in content)
     raise ValueError(f"message {index}: a system message holds text only")
+
+
+# ---- frames -> pixel values ------------------------------------------------------------------------
+# The official models were trained on frames that transformers' PIL-based SiglipImageProcessor made
+# (`SiglipImageProcessorPil` since transformers 5): PIL bicubic resize of the uint8 frame, then
+# float64(x) * (1/255) cast to float32, then (x - mean) / std in float32. The resize is PIL's own; the
+# rest depends only on the uint8 value and the channel, so a 3 x 256 table computed with exactly those
+# operations gives the same bits as the processor at the cost of one lookup per value (numpy indexes
+# with the uint8 values directly, about the cost of one float pass). Frames run in threads: PIL
+# releases the GIL while resampling.
+PREPROCESS_THREADS = min(8, os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: row c, column v is channel c's normalised value of uint8 v."""
+    values = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    table = np.stack([(values - np.float32(m)) / np.float32(s) for m, s in zip(mean, std)])
+    table.flags.writeable = False
+    return table
+
+
+def _resize_one(frame_HWC: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(frame_HWC))
+    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def preprocess_frames(
+    frames_THWC: np.ndarray,
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    threads: int = PREPROCESS_THREADS,
+) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float32 (T, 3, S, S), bit-identical to the PIL SigLIP image processor."""
+    count = frames_THWC.shape[0]
+    table = _normalisation_table(tuple(float(x) for x in mean), tuple(float(x) for x in std))
+    out = torch.empty(count, 3, size, size, dtype=torch.float32)
+    out_np = out.numpy()
+    resize = frames_THWC.shape[1:3] != (size, size)
+
+    def one(index: int) -> None:
+        frame = _resize_one(frames_THWC[index], size) if resize else frames_THWC[index]
+        for channel in range(3):
+            out_np[index, channel] = table[channel][frame[..., channel]]
+
+    workers = min(threads, count)
+    if workers <= 1:
+        for index in range(count):
+            one(index)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, range(count)))
+    return out

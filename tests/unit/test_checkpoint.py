@@ -5,15 +5,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from _layouts import tiny_qwen2
 from _reference import merge_2x2_by_loops
 from safetensors.torch import save_file
-from transformers import (
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    SiglipImageProcessor,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-)
+from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
 from longvila import LongVILA, LongVILAConfig, LongVILAProcessor
 from longvila.model.checkpoint import CheckpointError
@@ -87,17 +82,7 @@ def write_official_layout(root, llm, vision, projector_state, tokenizer, select_
 def official_parts():
     torch.manual_seed(0)
     tokenizer = load_tiny_tokenizer()
-    llm = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=False,
-        )
-    ).eval()
+    llm = tiny_qwen2(len(tokenizer))
     vision = SiglipVisionModel(
         SiglipVisionConfig(
             image_size=56,

@@ -18,6 +18,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DTYPES,
         help="weights and activations; auto: bfloat16 on a GPU, the checkpoint's own dtype on CPU",
     )
+    parser.add_argument(
+        "--projector-order",
+        choices=("column", "row"),
+        default=None,
+        help="2x2 token order of an mlp_downsample checkpoint, when its configs say otherwise or nothing "
+        "(docs/checkpoints.md)",
+    )
 
 
 def resolve_device(name: str):
@@ -51,10 +58,13 @@ def resolve_dtype(name: str, device):
     return getattr(torch, name)
 
 
-def load_for_inference(model_dir: str, device: str = "auto", dtype: str = "auto", *, torch_device=None):
+def load_for_inference(
+    model_dir: str, device: str = "auto", dtype: str = "auto", *, torch_device=None, projector_order=None
+):
     """(model in eval mode on the device, processor) from a checkpoint directory.
 
-    `torch_device` overrides `device` (torchrun picks each rank's GPU)."""
+    `torch_device` overrides `device` (torchrun picks each rank's GPU); `projector_order` is
+    `--projector-order`."""
     from pathlib import Path
 
     if not Path(model_dir).is_dir():
@@ -62,7 +72,9 @@ def load_for_inference(model_dir: str, device: str = "auto", dtype: str = "auto"
     from longvila import LongVILA, LongVILAProcessor
 
     target = torch_device if torch_device is not None else resolve_device(device)
-    model = LongVILA.from_pretrained(model_dir, dtype=resolve_dtype(dtype, target))
+    model = LongVILA.from_pretrained(
+        model_dir, dtype=resolve_dtype(dtype, target), projector_order=projector_order
+    )
     return model.to(target).eval(), LongVILAProcessor.from_pretrained(model_dir)
 
 

@@ -86,7 +86,9 @@ def _answer(args: argparse.Namespace, media: Path, question: str, sp, device) ->
     from longvila.chat import ChatSession, is_image_path
 
     try:
-        model, processor = load_for_inference(args.model, args.device, args.dtype, torch_device=device)
+        model, processor = load_for_inference(
+            args.model, args.device, args.dtype, torch_device=device, projector_order=args.projector_order
+        )
     except (OSError, ValueError) as exc:
         return _error(f"cannot load the model from {args.model}: {exc}")
     session = ChatSession(

@@ -71,7 +71,9 @@ def run_videoqa_command(args: argparse.Namespace) -> int:
     sp = None
     try:
         sp, device = sequence_parallel_from_args(args, "eval videoqa")
-        model, processor = load_for_inference(args.model, args.device, args.dtype, torch_device=device)
+        model, processor = load_for_inference(
+            args.model, args.device, args.dtype, torch_device=device, projector_order=args.projector_order
+        )
         summary = run_videoqa(
             model,
             processor,
@@ -128,7 +130,9 @@ def run_niah_command(args: argparse.Namespace) -> int:
         frame_counts = parse_grid(args.frames, "--frames")
         depths = [d / 100.0 for d in parse_grid(args.depths, "--depths")]
         sp, device = sequence_parallel_from_args(args, "eval niah")
-        model, processor = load_for_inference(args.model, args.device, args.dtype, torch_device=device)
+        model, processor = load_for_inference(
+            args.model, args.device, args.dtype, torch_device=device, projector_order=args.projector_order
+        )
         haystack: object = args.haystack
         if args.needles == "synthetic":
             from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame

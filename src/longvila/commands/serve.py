@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"longvila serve: error: model directory not found: {args.model}", file=sys.stderr)
         return 1
     try:
-        model, processor = load_for_inference(args.model, args.device, args.dtype)
+        model, processor = load_for_inference(
+            args.model, args.device, args.dtype, projector_order=args.projector_order
+        )
         if args.export_llm:
             from longvila.serve.handoff import export_llm
 

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from longvila.config import LongVILAConfig
 from longvila.model.attention import AttentionContext, register_attention
 from longvila.model.loss import IGNORE_INDEX, chunked_cross_entropy_sum, shift_labels
-from longvila.model.projector import MLPDownsampleProjector
+from longvila.model.projector import build_projector
 from longvila.model.vision import VisionTower
 
 # Prompts longer than this are prefilled in chunks of this many tokens by default: one MLP
@@ -88,9 +88,7 @@ class LongVILA(nn.Module):
         self.vision_tower = vision_tower or VisionTower.from_config(
             config.vision, config.vision_select_layer, config.vision_micro_batch
         )
-        self.mm_projector = mm_projector or MLPDownsampleProjector(
-            config.vision_hidden_size, config.llm_hidden_size
-        )
+        self.mm_projector = mm_projector or build_projector(config)
         self.llm = llm if llm is not None else build_llm(config.llm, config.attn_implementation)
         if llm is not None and config.attn_implementation == "longvila":
             self.llm.set_attn_implementation("longvila")
@@ -99,11 +97,15 @@ class LongVILA(nn.Module):
 
     # ---- construction helpers (checkpoint.py does the file work) -------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> LongVILA:
-        """Load our own checkpoint directory or the official LongVILA/VILA layout."""
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype | None = None, projector_order: str | None = None
+    ) -> LongVILA:
+        """Load our own checkpoint directory, the official LongVILA/VILA layout (2024-08 or NVILA era,
+        remote-code `vila` included) or the NVILA `-hf` layout. `projector_order` ("column"/"row")
+        overrides the 2x2 token order the loader would choose (docs/checkpoints.md)."""
         from longvila.model.checkpoint import load_pretrained
 
-        return load_pretrained(path, dtype=dtype)
+        return load_pretrained(path, dtype=dtype, projector_order=projector_order)
 
     @classmethod
     def from_parts(cls, llm_path: str | Path, vision_tower_path: str | Path, **config_overrides) -> LongVILA:
