@@ -1,5 +1,5 @@
 """The real-video benchmark's helpers: stream-copy loops decode to the clip's frames repeated, the
-contenders return the frames decode_frames returns, and RESULTS.md subsections are replaced in place."""
+contenders return the frames decode_frames returns, and benchmarks/RESULTS.md subsections are replaced in place."""
 
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def record_to_messages(
     load_video: Callable[[str], Any] | None = None,
     load_image: Callable[[str], Any] | None = None,
 ) -> list[dict]:
-    """Convert a manifest record to typed-content chat messages (DESIGN.md).
+    """Convert a manifest record to typed-content chat messages (docs/architecture.md, "Data formats").
 
     Each `<video>`/`<image>` placeholder becomes a `{"type": "video", "video": …}` part at its place
     in the turn; the text around it becomes `{"type": "text", "text": …}` parts (stripped of the

@@ -1,6 +1,6 @@
 """Decode and sample video frames (PyAV by default; decord, torchcodec, OpenCV when installed).
 
-Sampling rules (LongVILA samples N frames uniformly over the whole video; REFERENCE.md):
+Sampling rules (LongVILA samples N frames uniformly over the whole video; docs/reference.md):
 - **uniform** (`num_frames=N`): frame indices `floor(linspace(0, total - 1, N) + 0.5)` (round half up;
   `longvila.data.sampling.uniform_indices`, the rule arrays and every backend share)
   over the frames that exist, in presentation order. `total` is counted from the packet index, never

@@ -1,7 +1,7 @@
 """Memory-lean cross entropy: the LM head and the loss fused, chunk by chunk over tokens.
 
 Materialising logits over a 151,936-token vocabulary is what runs long-context training out of memory
-(REFERENCE.md: 0.5B at 32K tokens). Here each chunk of N_c tokens makes its (N_c, V) logits in float32,
+(docs/reference.md: 0.5B at 32K tokens). Here each chunk of N_c tokens makes its (N_c, V) logits in float32,
 takes the loss and, right away, the gradients with respect to the hidden states and the head weight;
 the logits are freed before the next chunk. Backward only scales the stored gradients.
 

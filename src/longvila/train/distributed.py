@@ -63,7 +63,7 @@ def teardown_distributed() -> None:
 def average_gradients(params: list[torch.nn.Parameter], dp_degree: int) -> None:
     """Sum gradients over all ranks and divide by the data-parallel degree.
 
-    Under MM-SP the gradients of the ranks of one SP group add up to the group's gradient (DESIGN.md),
+    Under MM-SP the gradients of the ranks of one SP group add up to the group's gradient (docs/architecture.md),
     so the world sum over dp x sp ranks divided by dp is the mean over data-parallel replicas.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

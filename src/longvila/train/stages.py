@@ -1,4 +1,4 @@
-"""What each of LongVILA's five training stages trains (REFERENCE.md, "The five training stages").
+"""What each of LongVILA's five training stages trains (docs/reference.md, "The five training stages").
 
 | stage | trainable |
 |---|---|
