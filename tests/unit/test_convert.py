@@ -107,6 +107,9 @@ def test_released_layout_converts_to_ours_with_the_same_outputs(tmp_path):
     ours = LongVILA.from_pretrained(tmp_path / "ours").eval()
     direct = LongVILA.from_pretrained(src, projector_order="row").eval()
     assert ours.config.projector_token_order == "row"
+    # Our format records the processor's stop ids as the generate default; the released layout has none.
+    stop_ids = LongVILAProcessor.from_pretrained(src).stop_token_ids
+    assert ours.config.extra.pop("eos_token_id") == stop_ids
     assert_same_model(
         direct,
         ours,
