@@ -60,7 +60,7 @@ def test_ask_runs_the_model_in_the_dtype_asked_for(ckpt, tmp_path, capsys):
     answers = {}
     for dtype in ("bfloat16", "float32"):
         model, processor = load_for_inference(str(ckpt), "cpu", dtype)
-        session = ChatSession(model, processor, max_new_tokens=5)
+        session = ChatSession(model, processor, num_frames=4, max_new_tokens=5)  # as --frames 4
         answers[dtype] = session.ask("What is this?", video=decoded)
     assert answers["bfloat16"].strip()  # varied text, not an empty answer
     assert printed.rstrip("\n") == answers["bfloat16"]
