@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from longvila.version import __version__
+
 __all__ = ["LongVILA", "LongVILAConfig", "LongVILAOutput", "LongVILAProcessor", "__version__"]
 
 # Imported on first use, so that `longvila --help` does not pay for importing transformers.

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-IMAGE_TOKEN = "<image>"
-"""Placeholder token, one per frame in the text, expanded to `tokens_per_frame` ids by the processor."""
+# The placeholder lives with the tokenizer (the lower module); re-exported here for existing imports.
+from longvila.text.tokenizer import IMAGE_TOKEN
 
 PROJECTOR_TYPES = ("mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix")
 """Projector types that load (docs/checkpoints.md): the 2x2 merge of LongVILA and the NVILA-era variants."""

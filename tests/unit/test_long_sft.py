@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from longvila import LongVILA, LongVILAConfig, LongVILAProcessor
+from longvila.build.long_sft import HFWriter, LongVILACaptioner
 from longvila.data.long_sft import (
-    HFWriter,
     LongSFTConfig,
-    LongVILACaptioner,
     PromptSet,
     WriterFailure,
     WriterOutputError,
@@ -342,8 +341,8 @@ def test_a_real_hf_writer_is_retried_then_reported(videos, tmp_path):
 
 
 def test_cli_runs_long_sft(videos, model_dir, tmp_path, monkeypatch):
+    from longvila.build import long_sft
     from longvila.cli import main
-    from longvila.data import long_sft
 
     # The HF writer is covered above; here a stand-in replies validly so the command writes a manifest.
     monkeypatch.setattr(long_sft, "HFWriter", lambda path, tokens: ScriptedWriter())

@@ -183,7 +183,7 @@ def test_stage4_trains_on_packed_text_through_the_trainer(tmp_path):
     """`data.kind: packed_text` feeds `longvila data pack-text` rows to the trainer (stage 4, LoRA)."""
     from longvila.train.metrics import read_metrics
     from longvila.train.recipe import load_recipe
-    from longvila.train.trainer import train
+    from longvila.train.run import train
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(

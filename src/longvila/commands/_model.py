@@ -69,7 +69,8 @@ def load_for_inference(
 
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
-    from longvila import LongVILA, LongVILAProcessor
+    from longvila.model.vlm import LongVILA
+    from longvila.processor import LongVILAProcessor
 
     target = torch_device if torch_device is not None else resolve_device(device)
     model = LongVILA.from_pretrained(

@@ -66,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"{dst} exists (pass --force to replace it)")
     import torch
 
-    from longvila import LongVILA, LongVILAProcessor
     from longvila.model.checkpoint import CheckpointError
     from longvila.model.export import save_hf, save_official
+    from longvila.model.vlm import LongVILA
+    from longvila.processor import LongVILAProcessor
 
     dtype = stored_float_dtype(src) if args.dtype == "keep" else getattr(torch, args.dtype)
     try:

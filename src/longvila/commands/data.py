@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_long_sft(args: argparse.Namespace) -> int:
+    from longvila.build import long_sft as models
     from longvila.data import long_sft
 
     if args.merge:
@@ -123,8 +124,8 @@ def _run_long_sft(args: argparse.Namespace) -> int:
         media_root=args.media_root,
         progress=not args.no_progress,
     )
-    captioner = long_sft.LongVILACaptioner(args.captioner, args.frames_per_clip, args.caption_tokens)
-    writer = long_sft.HFWriter(args.writer, args.writer_tokens)
+    captioner = models.LongVILACaptioner(args.captioner, args.frames_per_clip, args.caption_tokens)
+    writer = models.HFWriter(args.writer, args.writer_tokens)
     report = long_sft.build_long_sft(args.videos, captioner, writer, args.out, config, shard=args.shard)
     index, count = report.shard
     print(

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _train_stage(number: int, out: Path, settings: dict, seed: int, progress: bool) -> dict:
     from longvila.train.metrics import read_metrics
     from longvila.train.recipe import load_recipe
-    from longvila.train.trainer import train
+    from longvila.train.run import train
 
     overrides = {
         "run": {"root": str(out), "seed": seed},
@@ -199,8 +199,9 @@ def run_demo(out: str | Path, *, quick: bool = False, seed: int = 0, progress: b
     """Run the demo into `out`; returns the report (also written to `out/report.json`)."""
     import torch
 
-    from longvila import LongVILA, LongVILAProcessor
     from longvila.data.synthetic import generate_all
+    from longvila.model.vlm import LongVILA
+    from longvila.processor import LongVILAProcessor
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import transformers
 
-    import longvila
+    from longvila.version import __version__
 
-    print(f"longvila {longvila.__version__}  python {platform.python_version()}")
+    print(f"longvila {__version__}  python {platform.python_version()}")
     print(f"torch {torch.__version__}  transformers {transformers.__version__}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("no CUDA device; running on CPU")
     if args.checkpoint:
-        from longvila import LongVILA
+        from longvila.model.vlm import LongVILA
 
         model = LongVILA.from_pretrained(args.checkpoint)
         c = model.config

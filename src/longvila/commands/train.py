@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_recipe:
         print(recipe.to_yaml(), end="")
         return 0
-    from longvila.train.trainer import make_trainer
+    from longvila.train.run import make_trainer
 
     trainer = make_trainer(recipe)
     try:

@@ -83,7 +83,8 @@ class LongVILALmms(lmms):
         super().__init__()
         import torch
 
-        from longvila import LongVILA, LongVILAProcessor
+        from longvila.model.vlm import LongVILA
+        from longvila.processor import LongVILAProcessor
 
         if int(batch_size) != 1:
             raise ValueError(f"longvila answers one request at a time; got batch_size={batch_size}")

@@ -204,7 +204,7 @@ def _tied_keys(llm) -> set[str]:
     return {k for k in llm.state_dict() if k.startswith("lm_head.")}
 
 
-def load_own(path: Path, dtype: torch.dtype | None = None, projector_order: str | None = None):
+def load_own(model_cls, path: Path, dtype: torch.dtype | None = None, projector_order: str | None = None):
     try:
         data = read_json(path / CONFIG_NAME)
         if projector_order is not None:
@@ -212,14 +212,13 @@ def load_own(path: Path, dtype: torch.dtype | None = None, projector_order: str 
         config = LongVILAConfig.from_dict(data)
     except ValueError as exc:
         raise CheckpointError(f"{path / CONFIG_NAME}: {exc}") from exc
-    return _load_model_weights(config, path, dtype)
+    return _load_model_weights(model_cls, config, path, dtype)
 
 
-def _load_model_weights(config: LongVILAConfig, path: Path, dtype: torch.dtype | None):
-    """A LongVILA built from `config` with the `llm.* / vision_tower.* / mm_projector.*` weights of `path`."""
-    from longvila.model.vlm import LongVILA
-
-    model = LongVILA(config)
+def _load_model_weights(model_cls, config: LongVILAConfig, path: Path, dtype: torch.dtype | None):
+    """A `model_cls` (LongVILA) built from `config` with the `llm.* / vision_tower.* / mm_projector.*`
+    weights of `path`."""
+    model = model_cls(config)
     state = _read_weights(path)
     _check_projector_width(state, "mm_projector.layers.1.weight", model.mm_projector, path)
     parts: dict[str, dict[str, torch.Tensor]] = {"llm": {}, "vision_tower": {}, "mm_projector": {}}
@@ -303,9 +302,8 @@ def _tokenizer_image_id(tokenizer_path: Path) -> int:
     return load_tokenizer(tokenizer_path).convert_tokens_to_ids(IMAGE_TOKEN)
 
 
-def _assemble(llm, vision_model, projector, *, image_token_id: int, settings: dict):
+def _assemble(model_cls, llm, vision_model, projector, *, image_token_id: int, settings: dict):
     from longvila.model.vision import VisionTower
-    from longvila.model.vlm import LongVILA
 
     vision_config = {**vision_model.config.to_dict(), "model_type": "siglip_vision_model"}
     llm_config = {**llm.config.to_dict(), "model_type": llm.config.model_type}
@@ -326,7 +324,7 @@ def _assemble(llm, vision_model, projector, *, image_token_id: int, settings: di
         from longvila.model.projector import build_projector
 
         projector = build_projector(config).to(next(llm.parameters()).dtype)
-    return LongVILA(config, llm=llm, vision_tower=tower, mm_projector=projector)
+    return model_cls(config, llm=llm, vision_tower=tower, mm_projector=projector)
 
 
 def _load_hf_parts(llm_path: Path, vision_path: Path, dtype: torch.dtype | None):
@@ -341,7 +339,9 @@ def _load_hf_parts(llm_path: Path, vision_path: Path, dtype: torch.dtype | None)
     return llm, vision
 
 
-def load_official(path: Path, dtype: torch.dtype | None = None, projector_order: str | None = None):
+def load_official(
+    model_cls, path: Path, dtype: torch.dtype | None = None, projector_order: str | None = None
+):
     """The split layout: llm/ and vision_tower/ through transformers (their own configs, RoPE scaling
     included), mm_projector/ by the rule of `longvila.model.layouts`."""
     from longvila.model.projector import DownsampleProjector
@@ -356,7 +356,7 @@ def load_official(path: Path, dtype: torch.dtype | None = None, projector_order:
     load_into(projector, state, str(path / "mm_projector"))
     projector.to(next(llm.parameters()).dtype)
     return _assemble(
-        llm, vision, projector, image_token_id=_tokenizer_image_id(path / "llm"), settings=settings
+        model_cls, llm, vision, projector, image_token_id=_tokenizer_image_id(path / "llm"), settings=settings
     )
 
 
@@ -382,7 +382,9 @@ def _check_projector_width(state, key: str, projector, where: Path) -> None:
         )
 
 
-def compose_from_parts(llm_path, vision_tower_path, *, select_layer: int = -2, dtype=None, **overrides):
+def compose_from_parts(
+    model_cls, llm_path, vision_tower_path, *, select_layer: int = -2, dtype=None, **overrides
+):
     """A model from a local HF causal LM and a SigLIP checkpoint, with a fresh projector (`overrides`:
     `projector_type`, `token_order`)."""
     llm_path, vision_tower_path = Path(llm_path), Path(vision_tower_path)
@@ -394,7 +396,9 @@ def compose_from_parts(llm_path, vision_tower_path, *, select_layer: int = -2, d
     llm, vision = _load_hf_parts(llm_path, vision_tower_path, dtype)
     settings = {"select_layer": select_layer, **overrides}
     settings.update(_preprocessor_settings(vision_tower_path / "preprocessor_config.json"))
-    return _assemble(llm, vision, None, image_token_id=_tokenizer_image_id(llm_path), settings=settings)
+    return _assemble(
+        model_cls, llm, vision, None, image_token_id=_tokenizer_image_id(llm_path), settings=settings
+    )
 
 
 # ---- the NVILA -hf layout (read) -------------------------------------------------------------------
@@ -433,11 +437,11 @@ def _hf_config(path: Path, projector_order: str | None) -> LongVILAConfig:
         raise CheckpointError(f"{file}: {exc}") from exc
 
 
-def load_hf(path: Path, dtype: torch.dtype | None = None, projector_order: str | None = None):
+def load_hf(model_cls, path: Path, dtype: torch.dtype | None = None, projector_order: str | None = None):
     config = _hf_config(path, projector_order)
     if config.image_token_id is None or config.image_token_id < 0:
         config.image_token_id = _tokenizer_image_id(path)
-    return _load_model_weights(config, path, dtype)
+    return _load_model_weights(model_cls, config, path, dtype)
 
 
 # ---- dispatch --------------------------------------------------------------------------------------
@@ -464,13 +468,14 @@ def detect_layout(path: Path) -> str:
 
 
 def load_pretrained(
-    path: str | Path, *, dtype: torch.dtype | None = None, projector_order: str | None = None
+    model_cls, path: str | Path, *, dtype: torch.dtype | None = None, projector_order: str | None = None
 ):
-    """Any layout `detect_layout` knows; `projector_order` overrides the 2x2 token order."""
+    """A `model_cls` (LongVILA, passed in so that this module never imports the model it builds) from any
+    layout `detect_layout` knows; `projector_order` overrides the 2x2 token order."""
     path = Path(path)
     layout = detect_layout(path)
     loader = {"longvila": load_own, "nvila_hf": load_hf, "official": load_official}[layout]
-    return loader(path, dtype, projector_order)
+    return loader(model_cls, path, dtype, projector_order)
 
 
 def processor_settings(path: str | Path) -> tuple[Path, dict[str, Any]]:

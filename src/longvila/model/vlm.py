@@ -105,14 +105,14 @@ class LongVILA(nn.Module):
         overrides the 2x2 token order the loader would choose (docs/checkpoints.md)."""
         from longvila.model.checkpoint import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, projector_order=projector_order)
+        return load_pretrained(cls, path, dtype=dtype, projector_order=projector_order)
 
     @classmethod
     def from_parts(cls, llm_path: str | Path, vision_tower_path: str | Path, **config_overrides) -> LongVILA:
         """Compose a model from local Hugging Face checkpoints of an LLM and a SigLIP tower; fresh projector."""
         from longvila.model.checkpoint import compose_from_parts
 
-        return compose_from_parts(llm_path, vision_tower_path, **config_overrides)
+        return compose_from_parts(cls, llm_path, vision_tower_path, **config_overrides)
 
     def save_pretrained(self, path: str | Path, *, processor=None, max_shard_size: str | int = "5GB") -> None:
         from longvila.model.checkpoint import save_pretrained

@@ -8,19 +8,37 @@ Shapes: B batch, S this rank's share (T / (U * R)), N heads, H head dim; tensors
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from longvila.parallel.attention import boundaries_tuple
-from longvila.parallel.mesh import SequenceParallel, check_sequence_length
 from longvila.parallel.ring import RingPlan, ring_attention
 from longvila.parallel.ulysses import check_heads, gather_heads, replicate_kv_heads, scatter_heads
+from longvila.parallel.zigzag import check_sequence_length
+
+
+@dataclass(frozen=True)
+class _OneProcess:
+    """The degree-1 layout `sp=None` stands for: what `SequenceParallel.single()` holds."""
+
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    sp_degree: int = 1
+    ring_rank: int = 0
+    ring_group: None = None
+    ulysses_group: None = None
+
+
+_ONE_PROCESS = _OneProcess()
 
 
 def sp_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    sp: SequenceParallel | None = None,
+    sp: Any = None,
     causal: bool = True,
     cu_seqlens: torch.Tensor | None = None,
     scale: float | None = None,
@@ -33,9 +51,11 @@ def sp_attention(
     same on every rank and for every batch row; no token attends across them. Tokens at or after
     cu_seqlens[-1], if it ends early, are padding: they see nothing and output 0. No mask is built:
     the blocks are cut at the boundaries into fused-kernel pieces (`attention_pieces`).
-    scale: softmax scale, default H ** -0.5. `sp=None` means `SequenceParallel.single()`.
+    scale: softmax scale, default H ** -0.5. `sp`: a `SequenceParallel` (or any object with its degrees,
+    ranks and groups); `None` means one process, as `SequenceParallel.single()` (not imported here: the
+    layout imports this module through its MM-SP methods).
     """
-    sp = SequenceParallel.single() if sp is None else sp
+    sp = _ONE_PROCESS if sp is None else sp
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(
             f"expected q (B, S, Nq, H) and k, v (B, S, Nk, H); got {q.shape}, {k.shape}, {v.shape}"

@@ -24,6 +24,9 @@ import torch
 import torch.distributed as dist
 
 from longvila.parallel.comm import all_gather_pieces, record_comm, reduce_scatter_pieces, tensor_bytes
+from longvila.parallel.hybrid import sp_attention
+from longvila.parallel.ulysses import check_heads
+from longvila.parallel.zigzag import check_sequence_length
 
 
 def frame_split(num_frames: int, degree: int, rank: int) -> tuple[int, int]:
@@ -75,13 +78,9 @@ class MMSPMethods:
 
     def check_model(self, num_q_heads: int, num_kv_heads: int) -> None:
         """Fail before any work when the heads do not fit the Ulysses degree."""
-        from longvila.parallel.ulysses import check_heads
-
         check_heads(num_q_heads, num_kv_heads, self.ulysses_degree)
 
     def check_sequence(self, total_len: int) -> None:
-        from longvila.parallel.mesh import check_sequence_length
-
         check_sequence_length(total_len, self.ring_degree, self.ulysses_degree)
 
     # -- stage 1: frames ------------------------------------------------------------------------
@@ -99,8 +98,6 @@ class MMSPMethods:
     # -- stage 2: attention ---------------------------------------------------------------------
     def attention(self, q, k, v, causal=True, cu_seqlens=None, scale=None):
         """(B, S, Nq, H), (B, S, Nk, H) x2 -> (B, S, Nq, H): exact attention over the full sequence."""
-        from longvila.parallel.hybrid import sp_attention
-
         return sp_attention(q, k, v, self, causal=causal, cu_seqlens=cu_seqlens, scale=scale)
 
     def decode_attention(self, q_BNqH, k_BNkSH, v_BNkSH, key_valid_BS, scale=None):

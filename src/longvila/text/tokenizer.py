@@ -12,8 +12,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from longvila.config import IMAGE_TOKEN
-
+IMAGE_TOKEN = "<image>"
+"""Placeholder token, one per frame in the text, expanded to `tokens_per_frame` ids by the processor."""
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 END_OF_TEXT = "<|endoftext|>"

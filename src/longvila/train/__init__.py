@@ -5,7 +5,8 @@ result = train(load_recipe("tiny/stage1", overrides=["--run.root", "runs/demo"])
 """
 
 from longvila.train.recipe import Recipe, load_recipe, packaged_recipes, parse_overrides
-from longvila.train.trainer import Trainer, TrainResult, build_model, train
+from longvila.train.run import make_trainer, train
+from longvila.train.trainer import Trainer, TrainResult, build_model
 
 __all__ = [
     "Recipe",
@@ -13,6 +14,7 @@ __all__ = [
     "Trainer",
     "build_model",
     "load_recipe",
+    "make_trainer",
     "packaged_recipes",
     "parse_overrides",
     "train",

@@ -49,7 +49,9 @@ class TrainResult:
 
 def build_model(recipe: Recipe):
     """(model, processor) as `recipe.model` describes; fresh weights are seeded by `run.seed`."""
-    from longvila import LongVILA, LongVILAConfig, LongVILAProcessor
+    from longvila.config import LongVILAConfig
+    from longvila.model.vlm import LongVILA
+    from longvila.processor import LongVILAProcessor
 
     spec = recipe.model
     torch.manual_seed(recipe.run.seed)
@@ -356,17 +358,3 @@ def _progress_bar(total: int, initial: int, name: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=name, disable=not enabled, dynamic_ncols=True)
-
-
-def make_trainer(recipe: Recipe) -> Trainer:
-    """The trainer of the recipe's stage (stage 6, reinforcement learning, has its own loop)."""
-    if recipe.stage.number == 6:
-        from longvila.train.rl.trainer import RLTrainer
-
-        return RLTrainer(recipe)
-    return Trainer(recipe)
-
-
-def train(recipe: Recipe) -> TrainResult:
-    """Run one stage from its recipe."""
-    return make_trainer(recipe).fit()
