@@ -1,7 +1,6 @@
 """The serving engine: dynamic batching, the frame-embedding cache and prefix K/V reuse, each checked
 against direct `model.generate` on a model whose replies vary with the input."""
 
-
 import numpy as np
 import pytest
 import torch
