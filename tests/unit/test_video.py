@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import warnings
 from pathlib import Path
 
@@ -333,6 +334,87 @@ def test_fast_paths_equal_one_pass_decode(textured, monkeypatch, codec, strategy
         frames, _ = decode_frames(textured[codec], num_frames=n, strategy=strategy)
         expected = reference[uniform_indices(60, n)]
         assert frames.shape == expected.shape and np.array_equal(frames, expected), (codec, n)
+
+
+def _count_opens(monkeypatch) -> list[str]:
+    """Record every file `video_mod` opens."""
+    opened: list[str] = []
+    real_open = video_mod._open
+
+    def counting(path, hwaccel=None):
+        opened.append(path)
+        return real_open(path, hwaccel)
+
+    monkeypatch.setattr(video_mod, "_open", counting)
+    return opened
+
+
+class _CountingReformatter:
+    """A VideoReformatter that counts its conversions (the real one is a final Cython class)."""
+
+    calls = 0
+    real = av.video.reformatter.VideoReformatter
+
+    def __init__(self):
+        self.inner = self.real()
+
+    def reformat(self, *args, **kwargs):
+        type(self).calls += 1
+        return self.inner.reformat(*args, **kwargs)
+
+
+def test_one_pass_opens_once_and_converts_each_frame_once(textured, monkeypatch):
+    """A one-pass decode reuses the probe's container and packets (one open of the file) and
+    converts each distinct frame once, however often it is sampled; packets over the budget are
+    not kept (the pass opens the file again), with the same frames."""
+    path = textured["libx264"]
+    expected = _one_pass(path)[uniform_indices(60, 90)]  # 90 rows of 60 frames: 30 repeats
+    opens = _count_opens(monkeypatch)
+    monkeypatch.setattr(video_mod, "VideoReformatter", _CountingReformatter)
+    _CountingReformatter.calls = 0
+    frames, _ = decode_frames(path, num_frames=90, strategy="sequential")
+    assert np.array_equal(frames, expected)
+    assert len(opens) == 1 and _CountingReformatter.calls == 60
+
+    monkeypatch.setattr(video_mod, "KEEP_PACKET_BYTES", 100)
+    opens.clear()
+    again, _ = decode_frames(path, num_frames=90, strategy="sequential")
+    assert np.array_equal(again, expected) and len(opens) == 2
+
+
+def test_an_error_while_converting_is_raised_and_its_thread_ends(textured, monkeypatch):
+    real_put = video_mod._FrameSink.put
+
+    def failing(self, index, frame, reformatter=None):
+        if index == 7:
+            raise VideoDecodeError("frame 7 does not convert")
+        real_put(self, index, frame, reformatter)
+
+    monkeypatch.setattr(video_mod._FrameSink, "put", failing)
+    with pytest.raises(VideoDecodeError, match="frame 7 does not convert"):
+        decode_frames(textured["libx264"], num_frames=60, strategy="sequential")
+    assert not [t for t in threading.enumerate() if t.name == "longvila-rgb"]
+
+
+def test_frames_equal_one_pass_at_a_size_swscale_would_split(tmp_path):
+    """The RGB conversion runs on one swscale thread; PyAV's default (`to_ndarray`) splits a frame
+    over threads: the pixels are the same, here on 320x240 frames with fine texture and colour."""
+    rng = np.random.default_rng(1)
+    texture = rng.integers(0, 256, (240, 640, 3), dtype=np.uint8)
+    path = tmp_path / "wide.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30, options={"crf": "18", "preset": "veryfast"})
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for i in range(12):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(texture[:, 8 * i : 8 * i + 320]))
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    reference = _one_pass(path)
+    assert reference.shape == (12, 240, 320, 3)
+    for strategy in STRATEGIES:
+        frames, _ = decode_frames(path, num_frames=12, strategy=strategy)
+        assert np.array_equal(frames, reference), strategy
 
 
 @pytest.mark.parametrize("codec", ["libx264", "libx265", "mpeg4"])

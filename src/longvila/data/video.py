@@ -62,11 +62,11 @@ MAX_SEEK_WORKERS = 4
 # The probe keeps the demuxed packets of a file up to this many bytes (a few minutes of 720p H.264),
 # so a one-pass decode reuses its container and packets instead of opening and demuxing the file
 # again (~15 ms on the 5 s 720p clip here, as much as 10% of its whole decode).
-KEEP_PACKET_BYTES = 64 << 20
-# The RGB conversion runs on the thread that decodes (swscale's own threads: 0.42 vs 0.51 ms a
-# 1280x720 frame, 0.07 vs 0.17 ms at 640x272, single vs automatic, on the 2 cores here, identical
-# output); parallelism comes from the decoder's threads and the seek workers. PyAV < 17 has no
-# `threads` argument and converts on one thread anyway.
+KEEP_PACKET_BYTES = 32 << 20
+# Each RGB conversion runs on one swscale thread (swscale's own threads cost more than they save:
+# 0.42 vs 0.51 ms a 1280x720 frame, 0.07 vs 0.17 ms at 640x272, one vs automatic, on the 2 cores
+# here; same pixels); parallelism comes from the decoder's threads, the conversion thread of a one
+# pass (`_Converter`) and the seek workers. PyAV < 17 has no `threads` argument and uses one.
 _SWS_ONE_THREAD = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
 
 
