@@ -252,14 +252,17 @@ def write_subsection(results: Path, section: str, subsection: str, body: str) ->
 
 
 def machine() -> str:
-    import cv2
-    import decord
-
+    peers = []
+    for label, module in (("decord", "decord"), ("OpenCV", "cv2")):
+        try:
+            peers.append(f"{label} {__import__(module).__version__}")
+        except Exception:  # not installed: its columns are empty
+            peers.append(f"{label} not installed")
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"{platform.system()} {platform.release()}; Python {platform.python_version()}, PyAV {av.__version__} "
-        f"(libavcodec {'.'.join(map(str, av.library_versions['libavcodec']))}), decord {decord.__version__}, "
-        f"OpenCV {cv2.__version__}, numpy {np.__version__}"
+        f"(libavcodec {'.'.join(map(str, av.library_versions['libavcodec']))}), {', '.join(peers)}, "
+        f"numpy {np.__version__}"
     )
 
 

@@ -59,3 +59,36 @@ def test_write_subsection_replaces_only_its_part(tmp_path):
     assert "old a" not in text and "new a" in text and "old b" in text and "keep" in text
     assert text.index("### A") < text.index("### B") < text.index("### C") < text.index("## Other")
     assert text.rstrip().endswith("### D\n\nnew d")
+
+
+def _row(video: str, minutes: float, ours: float, decord: float, opencv: float) -> dict:
+    return {
+        "video": video,
+        "size": "640×272",
+        "codec": "h264",
+        "frames": 250,
+        "minutes": minutes,
+        "n": 64,
+        "plan": "sequential, 0 seeks",
+        "seconds": {"longvila": ours, "decord": decord, "OpenCV one pass": opencv},
+        "mismatches": {"longvila": 0, "decord": 0, "OpenCV one pass": 0},
+        "one_pass_s": 1.0,
+    }
+
+
+def test_describe_summarises_the_ratios_and_the_load():
+    rows = [_row("a.mp4", 0.2, 0.50, 0.75, 0.90), _row("b.mp4", 0.2, 0.50, 0.60, 0.40)]
+    text = decode_real.describe(rows, 9, "clips", "python benchmarks/decode.py --real D --short", 0.5)
+    assert "median of\n9 rounds" in text
+    assert "0.80× at worst, 1.15× median" in text  # 0.75 / 0.50 and 0.40 / 0.50
+    assert "in 1 of 2 cases" in text and "kept 0.5 of the" in text
+    assert "| 1.50× (decord) | yes |" in text and "| 0.80× (OpenCV one pass) | **no** |" in text
+    assert text.count("\n| a.mp4 |") == 1 and "--short`" in text
+
+
+def test_short_needs_real(capsys):
+    import decode
+
+    with pytest.raises(SystemExit):
+        decode.main(["--short"])
+    assert "--short needs --real" in capsys.readouterr().err

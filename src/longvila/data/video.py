@@ -16,8 +16,10 @@ How frames are fetched (PyAV): the packets are demuxed once without decoding (fa
 touched) to learn every frame's timestamp and which frames are keyframes. A cost model then picks
 between seeking to the keyframe before each target and decoding forward to it, and one sequential
 pass up to the last target (see `plan_decode`). Seek runs are decoded by parallel threads, each with
-its own container; non-reference frames that are not targets are skipped by the decoder; only the
-sampled frames are converted to RGB, straight into the output array (docs/data.md, "How").
+its own container; a one pass decodes the packets the probe kept, on the probe's container, with the
+RGB conversion on a second thread; non-reference frames that are not targets are skipped by the
+decoder; each distinct sampled frame is converted to RGB once, straight into the output array
+(docs/data.md, "How").
 """
 
 from __future__ import annotations
