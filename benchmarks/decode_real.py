@@ -344,7 +344,9 @@ starts one further along); "fastest peer" is the fastest of decord and OpenCV ({
 frame `decode_frames` returned was compared with a one-pass PyAV decode of the whole file at the same
 index ("all": 0 differ; peers' columns: "=" when all equal too). The one-pass column is that reference
 pass (every frame decoded, the sampled ones converted), timed once. Each contender is called once
-untimed on the file before the rounds.
+untimed on the file before the rounds. OpenCV seeks (`CAP_PROP_POS_FRAMES`) on videos over a minute and
+makes one pass (`grab`/`retrieve`) on shorter ones, where its seek re-decodes from the clip's few
+keyframes for every target (17.3 s for 256 frames of bigbuckbunny.mp4 in issue 21's measurement).
 
 {HEADER}
 """
