@@ -112,3 +112,31 @@ def test_each_video_is_encoded_once_for_rollouts_reference_and_policy(tmp_path):
     assert len(report["reward_curve"]) == 3 and report["rollouts"] == 24
     assert report["heldout_accuracy_before"] == evaluation["before"]["accuracy"]
     assert report["vision_encodes"] == report["videos"] == cache["videos"]
+
+
+def test_sft_only_control_and_the_stratified_cold_start(tmp_path):
+    """`rl.sft_only`: every step of the stage is a cold-start SFT step (the control RL is measured
+    against), evaluated at the end; the labelled questions cover every answer of the training split."""
+    from longvila.commands.demo import QUICK, _rl_sft_control
+
+    lively_checkpoint(tmp_path / "stage5" / "final")  # where the demo's stage 6 starts
+    settings = {**QUICK, "rl": {**QUICK["rl"], "sft_questions": 5, "train_questions": 12}}
+    out = _rl_sft_control(tmp_path, settings, seed=0, progress=False)
+    run_dir = tmp_path / "stage6_sft_control"
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = QUICK["rl"]["sft_steps"] + QUICK["steps"][6]
+    assert [r["phase"] for r in records] == ["sft"] * steps
+    evaluation = json.loads((run_dir / "rl_eval.json").read_text())
+    assert evaluation["sft_only"] and evaluation["rollouts"] == 0 and evaluation["sft_steps"] == steps
+    assert "before" not in evaluation  # no RL began
+    assert out["report"] == {
+        "heldout_accuracy_sft_control": evaluation["after"]["accuracy"],
+        "sft_control_steps": steps,
+    }
+    # the cold start's questions: stratified by answer, from a split whose first 5 questions miss some
+    trainer = RLTrainer(load_recipe(run_dir / "recipe.yaml"))
+    trainer.setup()
+    pool = trainer._sft_pool()
+    answers = [trainer.train_set[i].answer for i in range(len(trainer.train_set))]
+    assert len(pool) == 5 and {answers[i] for i in pool} == set(answers)
+    assert len(set(answers[:5])) < len(set(answers))  # the first questions alone would miss an answer
