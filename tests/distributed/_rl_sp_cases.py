@@ -233,9 +233,9 @@ def trainer_runs(rank: int, world: int, root: str):
     small = [
         "--data.num_frames", "2", "--data.batch_size", "2", "--rl.group_size", "4",
         "--rl.train_questions", "8", "--rl.heldout_questions", "4", "--rl.sft_questions", "4",
-        "--rl.sft_steps", "2", "--rl.max_new_tokens", "6", "--rl.temperature", "2.0",
+        "--rl.sft_steps", "1", "--rl.max_new_tokens", "6", "--rl.temperature", "2.0",
         "--rl.format_weight", "0.5", "--rl.kl_coef", "0.1", "--run.num_threads", "1",
-        "--logging.progress_bar", "false", "--checkpoint.every_steps", "3", "--train.max_steps", "3",
+        "--logging.progress_bar", "false", "--checkpoint.every_steps", "2", "--train.max_steps", "2",
         "--parallel.ulysses_degree", "2", "--parallel.ring_degree", "1", "--model.init", f"{root}/init",
         "--run.root", root,
     ]  # fmt: skip
@@ -252,6 +252,10 @@ def trainer_runs(rank: int, world: int, root: str):
             "exported": result.final_dir is not None and (result.final_dir / "config.json").is_file(),
             "sharded": any(hasattr(p, "full_tensor") for p in trainer.model.parameters()),
         }
+    # Compared here: tensors in the result would travel through shared memory the ending worker frees.
+    sharded, replicated = out["true"].pop("llm"), out["false"].pop("llm")
+    out["same_names"] = sorted(sharded) == sorted(replicated)
+    out["weight_diff"] = max(float((sharded[k] - w).abs().max()) for k, w in replicated.items())
     return out
 
 

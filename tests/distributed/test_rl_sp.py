@@ -68,12 +68,11 @@ def test_rl_trainer_under_fsdp2_follows_the_replicated_run(world4):
         assert [[r.get(k) for k in keys] for r in sharded["metrics"]] == [
             [r.get(k) for k in keys] for r in replicated["metrics"]
         ]
-        assert [r["phase"] for r in sharded["metrics"]] == ["sft"] * 2 + ["rl"] * 3
+        assert [r["phase"] for r in sharded["metrics"]] == ["sft"] + ["rl"] * 2
         for a, b in zip(sharded["metrics"], replicated["metrics"]):
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(abs(b["loss"]), 1e-3)
             assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"]
-        assert sorted(sharded["llm"]) == sorted(replicated["llm"])
-        for name, weight in replicated["llm"].items():
-            # float32, reductions in another order: a few ulp per step; each of the 5 steps moves a weight
-            # by up to the learning rate (2e-3 / 3e-3), 3 orders of magnitude more than allowed here
-            assert (sharded["llm"][name] - weight).abs().max() <= 2e-5, name
+        assert result["trainer"]["same_names"]
+        # float32, reductions in another order: a few ulp per step; each of the 3 steps moves a weight
+        # by up to the learning rate (2e-3 / 3e-3), 2 orders of magnitude more than allowed here
+        assert result["trainer"]["weight_diff"] <= 2e-5
