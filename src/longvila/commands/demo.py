@@ -38,7 +38,7 @@ DATA_SIZES = {
     "vniah": {"haystack_seconds": 8, "num_needles": 2},
 }
 FULL = {
-    "steps": {1: 20, 2: 20, 3: 20, 4: 20, 5: 1000, 6: 140},
+    "steps": {1: 20, 2: 20, 3: 20, 4: 20, 5: 1000, 6: 110},
     "rl": {},
     "train_frames": 32,
     "frame_counts": [8, 16, 32, 64, 128],
