@@ -328,7 +328,7 @@ class RLSection:
     sft_steps: int = 0
     """Cold-start SFT steps on labelled replies before RL (counted in the stage's steps)."""
     sft_questions: int = 32
-    """Labelled questions for the cold-start SFT (the first ones of the training split)."""
+    """Labelled questions for the cold-start SFT (from the training split, stratified by answer)."""
     sft_lr: float = 0.0
     """Learning rate of the cold-start SFT steps (0: train.lr, the RL steps' rate)."""
     sft_only: bool = False

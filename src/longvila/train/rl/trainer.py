@@ -2,8 +2,9 @@
 
 Each optimiser step of the stage is one of:
 
-- a cold-start SFT step (the first `rl.sft_steps`): labelled `<think>..</think><answer>..</answer>`
-  replies of the first `rl.sft_questions` training questions, cross entropy on the reply tokens;
+- a cold-start SFT step (the first `rl.sft_steps`; every step with `rl.sft_only`, the control):
+  labelled `<think>..</think><answer>..</answer>` replies of `rl.sft_questions` training questions
+  stratified by answer, cross entropy on the reply tokens;
 - an RL step: `data.batch_size` questions per data-parallel rank, G = `rl.group_size` sampled replies
   each from the rollout engine, rewards by rule, group-normalised advantages, `rl.updates_per_batch`
   AdamW updates on the clipped policy-gradient loss (+ beta x KL to the frozen reference).
@@ -12,7 +13,8 @@ Every video goes through the vision tower once: the embedding cache serves the p
 G rollouts, the reference and policy forward passes, later epochs and a resumed run. Held-out accuracy
 (greedy) is measured when RL starts and when the stage ends (`rl_eval.json`). The sampling seed of a
 question is a function of (run.seed, step, data-parallel rank, question), so a run killed and resumed
-from its DCP checkpoint replays the same rollouts and the same reward curve.
+from its DCP checkpoint replays the same rollouts and the same reward curve. Under FSDP2 the RL
+forward runs inside FSDP's hooks (`register_rl_forward`) and rollouts on an unsharded copy.
 """
 
 from __future__ import annotations
