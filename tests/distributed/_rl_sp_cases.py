@@ -1,8 +1,11 @@
-"""Stage 6 under MM-SP on gloo ranks in float64, against one process (run by test_rl_sp.py).
+"""Stage 6 under MM-SP and FSDP2 on gloo ranks in float64, against one process (run by test_rl_sp.py).
 
 Every rank builds the same float64 model and the same rollout batch, computes the single-process
 loss, gradients and log-probabilities itself, then the same under sequence parallelism; the SP
-gradients are summed over the SP group (the SFT stages' convention) before the comparison.
+gradients are summed over the SP group (the SFT stages' convention) before the comparison. The FSDP2
+cases shard the model over all 4 ranks (data parallel 4, or 2 x Ulysses 2), give each data-parallel
+group its own rollout batch, and compare the gathered gradients and the parameters after one AdamW step
+with one process taking the mean of the groups' losses.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ def _model(seed=0):
     return model
 
 
-def _rollouts(model, multiple: int, agg: str):
+def _rollouts(model, multiple: int, agg: str, seed: int = 3):
     """Two questions (3 and 1 frames), G = 3 replies each of different lengths, in one packed row."""
     from longvila.train.rl.grpo import GRPOSettings, group_advantages, pack_rollouts, sequence_weights
 
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     image = model.config.image_token_id
     per, width = model.config.tokens_per_frame, model.config.llm_hidden_size
     prompts, embeds = [], []
@@ -37,7 +40,7 @@ def _rollouts(model, multiple: int, agg: str):
         prompts.append(torch.tensor([5, 17] + ([image] * per + [202]) * count + [40, 41]))
         embeds.append(torch.randn(count, per, width, generator=g, dtype=torch.float64))
     replies = [torch.randint(10, 900, (2 + (5 * i) % 7,), generator=g).tolist() for i in range(6)]
-    rewards = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]], dtype=torch.float64)
+    rewards = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 1.0]], dtype=torch.float64) + seed % 2
     settings = GRPOSettings(clip_low=0.2, clip_high=0.28, kl_coef=0.05, loss_agg=agg)
     adv = group_advantages(rewards, settings).reshape(-1).tolist()
     weights = sequence_weights([len(r) for r in replies], agg)
@@ -144,5 +147,122 @@ def cache_under_sp(rank: int, world: int):
     }
 
 
-def run_world4(rank: int, world: int):
-    return {"loss_grads": loss_and_grads(rank, world), "cache": cache_under_sp(rank, world)}
+def _full_tensors(named) -> dict[str, torch.Tensor]:
+    """Parameters or gradients of a sharded model gathered into full tensors (a collective)."""
+    return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone() for n, t in named}
+
+
+def _worst(got: dict, want: dict) -> float:
+    return max(float((got[k] - want[k]).abs().max()) / max(float(want[k].abs().max()), 1e-30) for k in want)
+
+
+def fsdp_step(ulysses: int):
+    """One GRPO update under FSDP2 over all ranks (dp = world / ulysses, SP = Ulysses `ulysses`) against
+    one process on every data-parallel group's batch: loss = mean over groups of the group's loss."""
+    from longvila.parallel import init_sp
+    from longvila.parallel.fsdp import fully_shard_model
+    from longvila.train.rl.grpo import grpo_loss, register_rl_forward, token_logprobs
+
+    sp = init_sp(ulysses=ulysses, ring=1)
+    single = _model()
+    batches = [
+        _rollouts(single, sp.sequence_multiple, "token_mean", seed=20 + d) for d in range(sp.dp_degree)
+    ]
+    g = torch.Generator().manual_seed(5)
+    olds, refs = [], []
+    with torch.no_grad():  # old / reference log-probs: perturbed current ones (clipping and KL act)
+        for packed, _ in batches:
+            logp, pos = token_logprobs(single, packed)
+            old = torch.zeros(packed.input_ids.shape[1], dtype=torch.float64)
+            ref = torch.zeros_like(old)
+            old[pos] = logp + 0.3 * torch.randn(logp.shape, generator=g, dtype=torch.float64)
+            ref[pos] = logp + 0.5 * torch.randn(logp.shape, generator=g, dtype=torch.float64)
+            olds.append(old)
+            refs.append(ref)
+    total = 0.0
+    for (packed, settings), old, ref in zip(batches, olds, refs):
+        _, pos = token_logprobs(single, packed)
+        loss, _ = grpo_loss(single, packed, settings, old_logp=old[pos], ref_logp=ref[pos])
+        total = total + loss / sp.dp_degree
+    total.backward()
+    want_grads = {n: p.grad.detach().clone() for n, p in single.named_parameters() if p.grad is not None}
+    torch.optim.AdamW(single.parameters(), lr=1e-2, weight_decay=0.1).step()
+    want_params = {n: p.detach().clone() for n, p in single.named_parameters()}
+
+    model = _model()
+    model.vision_tower.requires_grad_(False)  # stage 6: the vision side is frozen
+    model.mm_projector.requires_grad_(False)
+    fully_shard_model(model, model.llm.get_decoder().layers)
+    register_rl_forward(model)
+    packed, settings = batches[sp.dp_rank]
+    with torch.no_grad():
+        logp, pos = token_logprobs(model, packed, sp)  # the no-grad path too (the rollout policy's)
+    loss, _ = grpo_loss(
+        model, packed, settings, old_logp=olds[sp.dp_rank][pos], ref_logp=refs[sp.dp_rank][pos], sp=sp
+    )
+    (loss / sp.dp_degree).backward()  # the trainer's scale: FSDP2 sums gradients over every rank
+    got_grads = _full_tensors((n, p.grad) for n, p in model.named_parameters() if p.grad is not None)
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1).step()
+    got_params = _full_tensors(model.named_parameters())
+    llm = {k for k in want_grads if k.startswith("llm.")}
+    return {
+        "grad_names": (sorted(got_grads), sorted(llm)),
+        "grad_err": _worst({k: got_grads[k] for k in llm}, {k: want_grads[k] for k in llm}),
+        "param_err": _worst({k: got_params[k] for k in llm}, {k: want_params[k] for k in llm}),
+        "moved": max(
+            float((want_params[k] - p.detach()).abs().max())
+            for k, p in _model().named_parameters()
+            if k in llm
+        ),
+        "frozen_same": all(
+            torch.equal(got_params[k], p) for k, p in _model().named_parameters() if k not in llm
+        ),
+        "local_tokens": int(pos.numel()),
+    }
+
+
+def trainer_runs(rank: int, world: int, root: str):
+    """The stage-6 trainer (cold start, GRPO steps with rollouts, held-out evaluation, a checkpoint,
+    the export) on dp 2 x Ulysses 2, with FSDP2 and with replicated weights: their metrics and final
+    weights."""
+    from longvila.train.distributed import DistInfo
+    from longvila.train.metrics import read_metrics
+    from longvila.train.recipe import load_recipe
+    from longvila.train.rl.trainer import RLTrainer
+
+    small = [
+        "--data.num_frames", "2", "--data.batch_size", "2", "--rl.group_size", "4",
+        "--rl.train_questions", "8", "--rl.heldout_questions", "4", "--rl.sft_questions", "4",
+        "--rl.sft_steps", "1", "--rl.max_new_tokens", "6", "--rl.temperature", "2.0",
+        "--rl.format_weight", "0.5", "--rl.kl_coef", "0.1", "--run.num_threads", "1",
+        "--logging.progress_bar", "false", "--checkpoint.every_steps", "2", "--train.max_steps", "2",
+        "--parallel.ulysses_degree", "2", "--parallel.ring_degree", "1", "--model.init", f"{root}/init",
+        "--run.root", root,
+    ]  # fmt: skip
+    out = {}
+    for fsdp in ("false", "true"):
+        recipe = load_recipe("tiny/stage6", [*small, "--run.name", f"fsdp_{fsdp}", "--parallel.fsdp", fsdp])
+        trainer = RLTrainer(recipe, dist_info=DistInfo(rank, world, rank, torch.device("cpu")))
+        result = trainer.fit()
+        state = trainer._policy_state()
+        dist.barrier()
+        out[fsdp] = {
+            "metrics": read_metrics(recipe.run_dir / "metrics.jsonl"),
+            "llm": {k: v.float() for k, v in state.items() if k.startswith("llm.")},
+            "exported": result.final_dir is not None and (result.final_dir / "config.json").is_file(),
+            "sharded": any(hasattr(p, "full_tensor") for p in trainer.model.parameters()),
+        }
+    # Compared here: tensors in the result would travel through shared memory the ending worker frees.
+    sharded, replicated = out["true"].pop("llm"), out["false"].pop("llm")
+    out["same_names"] = sorted(sharded) == sorted(replicated)
+    out["weight_diff"] = max(float((sharded[k] - w).abs().max()) for k, w in replicated.items())
+    return out
+
+
+def run_world4(rank: int, world: int, root: str):
+    return {
+        "loss_grads": loss_and_grads(rank, world),
+        "cache": cache_under_sp(rank, world),
+        "fsdp": {f"dp{4 // u}u{u}": fsdp_step(u) for u in (1, 2)},
+        "trainer": trainer_runs(rank, world, root),
+    }

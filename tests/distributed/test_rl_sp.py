@@ -1,5 +1,6 @@
 """Stage 6's GRPO loss under MM-SP (gloo, world 4, float64) equals one process: loss, gradients summed
-over the SP group, token log-probabilities, the SFT warm-up loss, and the split frame encoding."""
+over the SP group, token log-probabilities, the SFT warm-up loss, and the split frame encoding; under
+FSDP2 (dp 4, and dp 2 x Ulysses 2) one GRPO update equals one process: gradients and parameters."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from _rl_sp_cases import LAYOUTS, run_world4
 
 
 @pytest.fixture(scope="module")
-def world4():
-    return run_distributed(run_world4, 4, timeout=600)
+def world4(tmp_path_factory):
+    from _models import lively_checkpoint
+
+    root = tmp_path_factory.mktemp("rl")
+    lively_checkpoint(root / "init")
+    return run_distributed(run_world4, 4, str(root), timeout=600)
 
 
 @pytest.mark.parametrize("agg", ["sequence_mean", "token_mean"])
@@ -38,3 +43,36 @@ def test_embedding_cache_splits_frames_over_sp_ranks(world4):
         assert r["cache"]["err"] <= 1e-12
         assert r["cache"]["same"]
         assert r["cache"]["state"]["encodes"] == 1 and r["cache"]["state"]["memory_hits"] == 1
+
+
+@pytest.mark.parametrize("layout", ["dp4u1", "dp2u2"])
+def test_rl_update_under_fsdp2_equals_one_process(world4, layout):
+    for rank, result in enumerate(world4):
+        r = result["fsdp"][layout]
+        got_names, llm_names = r["grad_names"]
+        assert got_names == llm_names  # gradients for exactly the LLM's parameters (vision frozen)
+        assert r["grad_err"] <= 1e-9, f"rank {rank}: gradient {r['grad_err']:.3g}"
+        assert r["moved"] > 1e-4  # the step changed the weights: the comparison is not of constants
+        assert r["param_err"] <= 1e-9, f"rank {rank}: parameters {r['param_err']:.3g}"
+        assert r["frozen_same"]
+
+
+def test_rl_trainer_under_fsdp2_follows_the_replicated_run(world4):
+    """The whole stage-6 loop under FSDP2 (dp 2 x Ulysses 2): the same rollouts, losses and rewards as
+    with replicated weights and all-reduced gradients, and the same weights at the end."""
+    keys = ("phase", "reward", "accuracy", "rollout_digest")
+    for result in world4:
+        replicated, sharded = result["trainer"]["false"], result["trainer"]["true"]
+        assert sharded["sharded"] and not replicated["sharded"]
+        assert sharded["exported"]
+        assert [[r.get(k) for k in keys] for r in sharded["metrics"]] == [
+            [r.get(k) for k in keys] for r in replicated["metrics"]
+        ]
+        assert [r["phase"] for r in sharded["metrics"]] == ["sft"] + ["rl"] * 2
+        for a, b in zip(sharded["metrics"], replicated["metrics"]):
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(abs(b["loss"]), 1e-3)
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"]
+        assert result["trainer"]["same_names"]
+        # float32, reductions in another order: a few ulp per step; each of the 3 steps moves a weight
+        # by up to the learning rate (2e-3 / 3e-3), 2 orders of magnitude more than allowed here
+        assert result["trainer"]["weight_diff"] <= 2e-5

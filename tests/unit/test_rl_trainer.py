@@ -72,7 +72,7 @@ def test_killed_rl_run_resumes_on_the_same_reward_curve(tmp_path):
 def test_each_video_is_encoded_once_for_rollouts_reference_and_policy(tmp_path):
     init = lively_checkpoint(tmp_path / "init")
     overrides = [*SMALL, "--run.root", str(tmp_path), "--run.name", "count", "--model.init", str(init),
-                 "--train.max_steps", "3", "--rl.kl_coef", "0.1", "--rl.updates_per_batch", "2",
+                 "--train.max_steps", "5", "--rl.kl_coef", "0.1", "--rl.updates_per_batch", "2",
                  "--rl.micro_batch_rollouts", "3"]  # fmt: skip
     trainer = RLTrainer(load_recipe("tiny/stage6", overrides))
     trainer.setup()
@@ -81,14 +81,14 @@ def test_each_video_is_encoded_once_for_rollouts_reference_and_policy(tmp_path):
     forward = tower.forward
     tower.forward = lambda x: (frames_in.append(int(x.shape[0])), forward(x))[1]
     result = trainer.fit()
-    assert result.steps == 5
+    assert result.steps == 7
     evaluation = json.loads((tmp_path / "count" / "rl_eval.json").read_text())
     cache = evaluation["cache"]
     # one vision call per distinct video (train + held-out), however many rollouts and forward passes
     assert len(frames_in) == cache["encodes"] == cache["videos"]
     assert sum(frames_in) == 2 * cache["videos"]
     assert cache["memory_hits"] > cache["videos"]
-    assert evaluation["rollouts"] == 3 * 2 * 4
+    assert evaluation["rollouts"] == 5 * 2 * 4
     assert trainer.reference is not None and not any(p.requires_grad for p in trainer.reference.parameters())
     assert not any(p.requires_grad for p in trainer.model.vision_tower.parameters())
     records = read_metrics(tmp_path / "count" / "metrics.jsonl")
@@ -109,6 +109,34 @@ def test_each_video_is_encoded_once_for_rollouts_reference_and_policy(tmp_path):
 
     report = _rl_report(tmp_path / "count")
     assert report["reward_curve"] == [round(r["reward"], 4) for r in records if r["phase"] == "rl"]
-    assert len(report["reward_curve"]) == 3 and report["rollouts"] == 24
+    assert len(report["reward_curve"]) == 5 and report["rollouts"] == 40
     assert report["heldout_accuracy_before"] == evaluation["before"]["accuracy"]
     assert report["vision_encodes"] == report["videos"] == cache["videos"]
+
+
+def test_sft_only_control_and_the_stratified_cold_start(tmp_path):
+    """`rl.sft_only`: every step of the stage is a cold-start SFT step (the control RL is measured
+    against), evaluated at the end; the labelled questions cover every answer of the training split."""
+    from longvila.commands.demo import QUICK, _rl_sft_control
+
+    lively_checkpoint(tmp_path / "stage5" / "final")  # where the demo's stage 6 starts
+    settings = {**QUICK, "rl": {**QUICK["rl"], "sft_questions": 5, "train_questions": 12}}
+    out = _rl_sft_control(tmp_path, settings, seed=0, progress=False)
+    run_dir = tmp_path / "stage6_sft_control"
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = QUICK["rl"]["sft_steps"] + QUICK["steps"][6]
+    assert [r["phase"] for r in records] == ["sft"] * steps
+    evaluation = json.loads((run_dir / "rl_eval.json").read_text())
+    assert evaluation["sft_only"] and evaluation["rollouts"] == 0 and evaluation["sft_steps"] == steps
+    assert "before" not in evaluation  # no RL began
+    assert out["report"] == {
+        "heldout_accuracy_sft_control": evaluation["after"]["accuracy"],
+        "sft_control_steps": steps,
+    }
+    # the cold start's questions: stratified by answer, from a split whose first 5 questions miss some
+    trainer = RLTrainer(load_recipe(run_dir / "recipe.yaml"))
+    trainer.setup()
+    pool = trainer._sft_pool()
+    answers = [trainer.train_set[i].answer for i in range(len(trainer.train_set))]
+    assert len(pool) == 5 and {answers[i] for i in pool} == set(answers)
+    assert len(set(answers[:5])) < len(set(answers))  # the first questions alone would miss an answer

@@ -2,14 +2,20 @@
 
 Two tasks, each made from `(seed, split, index)` alone so that any order, worker or resume replays it:
 
-- `count`: a video of `num_frames` frames, each either flat red or flat in another colour; "How many red
-  frames are in this video?"; the answer is the count as digits (checked by exact match).
+- `count`: a video of `num_frames` frames, each flat red or flat in another colour, every frame's shade
+  jittered by up to `SHADE_JITTER` per channel; "How many red frames are in this video?"; the answer is
+  the count as digits (checked by exact match).
 - `order`: two flat-colour frames in grey noise; "Which colour comes first?" with two lettered options in
   random order; the answer is a letter (checked as a multiple-choice letter).
 
 The `train` and `heldout` splits draw from separate seed streams and, more strictly, from disjoint
-halves of the video space (a question's content signature -- its colour sequence and positions -- has a
-CRC parity per split; draws of the other parity are rejected), so no held-out video occurs in training. `labelled_example` gives the target text of a question in the reasoning format
+halves of the video space (a question's content signature has a CRC parity per split; draws of the other
+parity are rejected), so no held-out video occurs in training. The shade jitter is what keeps the halves
+alike: with exact flat colours a count has few distinct videos (one for "all red"), so a parity split
+would put every "all red" video in one split -- the held-out split held the answer `num_frames` 40 % of
+the time and training never (the cause of an early demo's small RL gain). With the jitter every count has
+plenty of videos in both halves, and both splits see counts uniform in 0..num_frames.
+`labelled_example` gives the target text of a question in the reasoning format
 `<think>...</think><answer>...</answer>` (the cold-start SFT that precedes RL).
 """
 
@@ -31,6 +37,8 @@ ORDER_QUESTION = (
     "Which colour comes first in this video? A) {a} B) {b}. Answer with the letter. " + FORMAT_HINT
 )
 LETTERS = "AB"
+SHADE_JITTER = 16
+"""Largest per-channel shift of a count frame's flat colour (red stays far nearer red than any other)."""
 
 
 @dataclass(frozen=True)
@@ -57,25 +65,28 @@ class RLQuestion:
         return f"<think>{self.thought}</think><answer>{self.answer}</answer>"
 
 
-def _flat(colour: str, size: int) -> np.ndarray:
-    return np.broadcast_to(np.array(COLOURS[colour], dtype=np.uint8), (size, size, 3)).copy()
+def _flat(colour: str, size: int, shift: np.ndarray | None = None) -> np.ndarray:
+    rgb = np.array(COLOURS[colour], dtype=np.int16) + (0 if shift is None else shift)
+    return np.broadcast_to(np.clip(rgb, 0, 255).astype(np.uint8), (size, size, 3)).copy()
 
 
-def _in_split(signature: str, parity: int) -> bool:
-    return zlib.crc32(signature.encode()) % 2 == parity
+def _in_split(signature: bytes, parity: int) -> bool:
+    return zlib.crc32(signature) % 2 == parity
 
 
 def count_question(rng: np.random.Generator, num_frames: int, size: int, parity: int) -> RLQuestion:
-    """`num_frames` flat frames, k of them red (k uniform in 0..num_frames), the rest other colours."""
+    """`num_frames` flat frames, k of them red (k uniform in 0..num_frames), the rest other colours,
+    each frame's shade shifted by a uniform draw in [-SHADE_JITTER, SHADE_JITTER] per channel."""
     others = [c for c in COLOURS if c != COUNT_COLOUR]
+    count = int(rng.integers(num_frames + 1))  # drawn once: the split rejection must not bias it
     while True:
-        count = int(rng.integers(num_frames + 1))
         is_red = np.zeros(num_frames, dtype=bool)
         is_red[rng.choice(num_frames, size=count, replace=False)] = True
         names = [COUNT_COLOUR if red else others[int(rng.integers(len(others)))] for red in is_red]
-        if _in_split(",".join(names), parity):
+        shifts = rng.integers(-SHADE_JITTER, SHADE_JITTER + 1, size=(num_frames, 3))
+        frames = np.stack([_flat(name, size, shift) for name, shift in zip(names, shifts)])
+        if _in_split(frames.tobytes(), parity):
             break
-    frames = np.stack([_flat(name, size) for name in names])
     return RLQuestion(frames, COUNT_QUESTION, str(count), "exact", "count")
 
 
@@ -87,7 +98,7 @@ def order_question(rng: np.random.Generator, num_frames: int, size: int, parity:
     while True:
         first, second = (names[int(i)] for i in rng.choice(len(names), size=2, replace=False))
         where = np.sort(rng.choice(num_frames, size=2, replace=False))
-        if _in_split(f"{first},{second},{where[0]},{where[1]}", parity):
+        if _in_split(f"{first},{second},{where[0]},{where[1]}".encode(), parity):
             break
     frames = np.stack([noise_frame(rng, size) for _ in range(num_frames)])
     frames[where[0]], frames[where[1]] = _flat(first, size), _flat(second, size)

@@ -328,9 +328,12 @@ class RLSection:
     sft_steps: int = 0
     """Cold-start SFT steps on labelled replies before RL (counted in the stage's steps)."""
     sft_questions: int = 32
-    """Labelled questions for the cold-start SFT (the first ones of the training split)."""
+    """Labelled questions for the cold-start SFT (from the training split, stratified by answer)."""
     sft_lr: float = 0.0
     """Learning rate of the cold-start SFT steps (0: train.lr, the RL steps' rate)."""
+    sft_only: bool = False
+    """The SFT-only control: every step of the stage (sft_steps + the RL steps) is a cold-start SFT step
+    on the same labelled questions; held-out accuracy at the end (`after` in rl_eval.json)."""
     engine: str = "local"
     """Rollout backend: `local` (our batched `generate`) or a name registered with `register_engine`."""
     sp_min_tokens: int = 16384

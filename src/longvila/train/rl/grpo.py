@@ -19,6 +19,7 @@ vision tower does not run here.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -213,6 +214,10 @@ def embed_packed(model, packed: PackedRollouts) -> torch.Tensor:
     return embeds.masked_scatter(is_image[..., None], flat.to(device=device, dtype=embeds.dtype))
 
 
+RL_FORWARD = "rl_token_logprobs"
+"""The method `register_rl_forward` gives an FSDP2-sharded model; `token_logprobs` goes through it."""
+
+
 def token_logprobs(
     model, packed: PackedRollouts, sp=None, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +226,43 @@ def token_logprobs(
 
     One process: every reply position of the row. Under `sp` (degree > 1): the row is sharded in the
     zigzag layout as in training, and each rank returns the positions it holds (in its local order).
+    A model sharded with FSDP2 runs it inside FSDP's forward hooks (`register_rl_forward`).
     """
+    forward = getattr(model, RL_FORWARD, None)
+    if forward is not None:
+        return forward(packed, sp, temperature)
+    return _token_logprobs(model, packed, sp, temperature)
+
+
+def register_rl_forward(model) -> None:
+    """Let `token_logprobs` run on `model` after `fully_shard` (FSDP2).
+
+    The RL forward calls the embedding table, the decoder and the head directly (the frames come from
+    the embedding cache, not the vision tower) instead of `model.forward`, so FSDP2 would neither
+    all-gather the parameters its root unit holds (embeddings, final norm, the tied head) nor
+    reduce-scatter their gradients. Registered as an FSDP forward method, the computation runs between
+    the root's pre- and post-forward hooks, as `forward` does (the decoder layers have their own units).
+    A model that is not an FSDP module is left as it is.
+    """
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+    if not isinstance(model, FSDPModule):
+        return
+    setattr(model, RL_FORWARD, types.MethodType(_fsdp_token_logprobs, model))
+    register_fsdp_forward_method(model, RL_FORWARD)
+
+
+def _fsdp_token_logprobs(model, packed: PackedRollouts, sp=None, temperature: float = 1.0):
+    # A copy, not a view: FSDP2 hooks the output for backward, and an in-place op on a view would
+    # drop that hook (FSDP warns about views).
+    logp, positions = _token_logprobs(model, packed, sp, temperature)
+    return logp.clone(), positions
+
+
+def _token_logprobs(
+    model, packed: PackedRollouts, sp=None, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_logprobs` on the model's own parameters (unsharded, or gathered by FSDP's hooks)."""
     embeds = embed_packed(model, packed)
     device = embeds.device
     total = embeds.shape[1]

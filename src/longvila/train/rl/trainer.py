@@ -2,8 +2,9 @@
 
 Each optimiser step of the stage is one of:
 
-- a cold-start SFT step (the first `rl.sft_steps`): labelled `<think>..</think><answer>..</answer>`
-  replies of the first `rl.sft_questions` training questions, cross entropy on the reply tokens;
+- a cold-start SFT step (the first `rl.sft_steps`; every step with `rl.sft_only`, the control):
+  labelled `<think>..</think><answer>..</answer>` replies of `rl.sft_questions` training questions
+  stratified by answer, cross entropy on the reply tokens;
 - an RL step: `data.batch_size` questions per data-parallel rank, G = `rl.group_size` sampled replies
   each from the rollout engine, rewards by rule, group-normalised advantages, `rl.updates_per_batch`
   AdamW updates on the clipped policy-gradient loss (+ beta x KL to the frozen reference).
@@ -12,7 +13,8 @@ Every video goes through the vision tower once: the embedding cache serves the p
 G rollouts, the reference and policy forward passes, later epochs and a resumed run. Held-out accuracy
 (greedy) is measured when RL starts and when the stage ends (`rl_eval.json`). The sampling seed of a
 question is a function of (run.seed, step, data-parallel rank, question), so a run killed and resumed
-from its DCP checkpoint replays the same rollouts and the same reward curve.
+from its DCP checkpoint replays the same rollouts and the same reward curve. Under FSDP2 the RL
+forward runs inside FSDP's hooks (`register_rl_forward`) and rollouts on an unsharded copy.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ from longvila.train.rl.grpo import (
     group_advantages,
     grpo_loss,
     pack_rollouts,
+    register_rl_forward,
     sequence_weights,
     sft_loss,
     token_logprobs,
 )
-from longvila.train.rl.rewards import score
+from longvila.train.rl.rewards import extract_answer, score
 from longvila.train.rl.rollout import RolloutRequest, SamplingSpec, build_engine, cut_reply
 from longvila.train.trainer import Trainer, build_model
 
@@ -89,22 +92,29 @@ class RLTrainer(Trainer):
             1, math.ceil(recipe.train.epochs * self.sampler.batches_per_epoch)
         )
         self.max_steps = rl.sft_steps + rl_steps
+        # The SFT-only control trains on the labelled replies for every step of the stage.
+        self.sft_steps = self.max_steps if rl.sft_only else rl.sft_steps
 
     def setup(self) -> None:
         if getattr(self, "_ready", False):
             return
-        if self.fsdp:
-            # The RL forward runs the decoder directly (cached frame embeddings, no vision tower), which
-            # bypasses the FSDP2 root's parameter gathering; not wired yet (docs/rl.md).
-            raise ValueError(
-                "parallel.fsdp is not supported by stage 6 yet: set parallel.fsdp false (MM-SP with "
-                "replicated weights and all-reduced gradients works)"
-            )
         super().setup()
         recipe, rl = self.recipe, self.recipe.rl
         self.settings = rl.grpo_settings()
+        # FSDP2 sums gradients over every rank (divide factor 1, parallel/fsdp.py); the replicated path
+        # averages over data-parallel replicas. Scaling each rank's loss by 1/dp makes both the mean.
+        self.loss_scale = 1.0 / self.dp_degree if self.fsdp else 1.0
         rollout_model = self.model
-        self.engine = build_engine(rl.engine, rollout_model, sp=self.sp, sp_min_tokens=rl.sp_min_tokens)
+        if self.fsdp:
+            register_rl_forward(self.model)
+            # Rollouts, held-out decoding and the frame encoder run on an unsharded copy that
+            # `sync_weights` refreshes from the shards before every rollout batch and evaluation.
+            rollout_model, _ = build_model(recipe)
+            rollout_model.requires_grad_(False)
+            rollout_model.to(self.dist.device).eval()
+        self.engine = build_engine(
+            rl.engine, rollout_model, sp=self.sp, sp_min_tokens=rl.sp_min_tokens, copy_from_sharded=self.fsdp
+        )
         self.reference = None
         if self.settings.kl_coef > 0:
             self.reference, _ = build_model(recipe)
@@ -131,7 +141,7 @@ class RLTrainer(Trainer):
         progress = super()._resume()
         self._step_index = progress.step
         self._position = progress.data
-        if self.reference is not None and progress.step > self.recipe.rl.sft_steps:
+        if self.reference is not None and self.sft_steps < progress.step:
             self._load_reference()
         return progress
 
@@ -182,11 +192,10 @@ class RLTrainer(Trainer):
         start = time.perf_counter()
         step = self._step_index
         self._step_index += 1
-        rl = self.recipe.rl
-        if step < rl.sft_steps:
+        if step < self.sft_steps:
             record = self._sft_step(step)
         else:
-            if step == rl.sft_steps:
+            if step == self.sft_steps:
                 self._start_rl()
             indices, self._position = next(stream)
             record = self._rl_step(step, indices)
@@ -203,8 +212,9 @@ class RLTrainer(Trainer):
     def _sft_step(self, step: int) -> dict[str, Any]:
         rl = self.recipe.rl
         rng = np.random.default_rng([self.recipe.run.seed, 61, step, self.dp_rank])
-        picks = rng.integers(rl.sft_questions, size=self.recipe.data.batch_size)
-        prompts = [self._prompt(self.train_set[int(i)]) for i in picks]
+        pool = self._sft_pool()
+        picks = rng.integers(len(pool), size=self.recipe.data.batch_size)
+        prompts = [self._prompt(self.train_set[pool[int(i)]]) for i in picks]
         replies = [self.processor._encode(self._labelled_reply(p.question)) + self.end_ids for p in prompts]
         weights = sequence_weights([len(r) for r in replies], "token_mean")
         packed = pack_rollouts(
@@ -217,7 +227,7 @@ class RLTrainer(Trainer):
             pad_to_multiple_of=self.sequence_multiple,
         )
         loss = sft_loss(self.model, packed, self.sp)
-        loss.backward()
+        (loss * self.loss_scale).backward()
         lr = rl.sft_lr or self.scheduler.get_last_lr()[0]
         for group in self.optimizer.param_groups:  # the schedule sets it back at its next step
             group["lr"] = lr
@@ -225,6 +235,26 @@ class RLTrainer(Trainer):
         self.scheduler.step()
         return {"phase": "sft", "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm,
                 "tokens": packed.input_ids.numel(), "frames": sum(p.frame_embeds.shape[0] for p in prompts)}  # fmt: skip
+
+    def _sft_pool(self) -> list[int]:
+        """The labelled questions of the cold start: `rl.sft_questions` training questions stratified by
+        answer (round-robin over the answers in order of first appearance, each answer's questions in
+        split order), so every answer is labelled at least once when there are enough questions.
+
+        Why: with the first questions of the split, an answer they happen to miss is never written in
+        the cold start, so GRPO rarely samples it and cannot learn it (zero reward variance)."""
+        if getattr(self, "_pool", None) is None:
+            by_answer: dict[str, list[int]] = {}
+            for index in range(len(self.train_set)):
+                by_answer.setdefault(self.train_set[index].answer, []).append(index)
+            queues = [list(reversed(v)) for v in by_answer.values()]
+            pool: list[int] = []
+            while len(pool) < self.recipe.rl.sft_questions:
+                for queue in queues:
+                    if queue and len(pool) < self.recipe.rl.sft_questions:
+                        pool.append(queue.pop())
+            self._pool = sorted(pool)
+        return self._pool
 
     def _rollouts(self, step: int, prompts: list[Prompt]) -> list[list[list[int]]]:
         self._sync_engine()
@@ -277,7 +307,7 @@ class RLTrainer(Trainer):
                     ref_logp=None if refs is None else refs[k],
                     sp=self.sp,
                 )
-                loss.backward()
+                (loss * self.loss_scale).backward()
                 total += float(loss.detach())
                 tokens, clipped, kl = tokens + stats.tokens, clipped + stats.clipped, kl + stats.kl
             losses.append(total)
@@ -340,9 +370,11 @@ class RLTrainer(Trainer):
         evaluation["after"] = self.evaluate()
         evaluation["cache"] = {**self.cache.state(), "videos": len(self.cache.seen)}
         rl = self.recipe.rl
-        steps = self.max_steps - rl.sft_steps
+        steps = self.max_steps - self.sft_steps
         evaluation["rollouts"] = steps * self.recipe.data.batch_size * rl.group_size * self.dp_degree
         evaluation["rl_steps"] = steps
+        evaluation["sft_steps"] = self.sft_steps
+        evaluation["sft_only"] = rl.sft_only
         self._write_eval(evaluation)
 
     @torch.no_grad()
@@ -358,6 +390,8 @@ class RLTrainer(Trainer):
         for prompt in prompts:
             by_length.setdefault(prompt.input_ids.shape[0], []).append(prompt)
         correct, formatted = 0.0, 0.0
+        by_answer: dict[str, list[float]] = {}  # reference answer -> [correct, questions]
+        predicted: dict[str, int] = {}  # the text inside <answer> (or "none") -> replies
         try:
             for group in by_length.values():
                 embeds = torch.stack([self._prompt_embeds(model, p) for p in group])
@@ -373,10 +407,21 @@ class RLTrainer(Trainer):
                     result = score(reply, question.answer, question.kind, self.recipe.rl.format_weight)
                     correct += result.accuracy
                     formatted += result.format
+                    tally = by_answer.setdefault(question.answer, [0.0, 0.0])
+                    tally[0], tally[1] = tally[0] + result.accuracy, tally[1] + 1
+                    answer = extract_answer(reply)
+                    key = "none" if answer is None else answer.strip()
+                    predicted[key] = predicted.get(key, 0) + 1
         finally:
             model.train(was_training)
         n = len(prompts)
-        return {"accuracy": correct / n, "format": formatted / n, "questions": n}
+        return {
+            "accuracy": correct / n,
+            "format": formatted / n,
+            "questions": n,
+            "accuracy_by_answer": {a: c / m for a, (c, m) in sorted(by_answer.items())},
+            "predicted_answers": dict(sorted(predicted.items())),
+        }
 
     def _read_eval(self) -> dict[str, Any]:
         path = self.run_dir / EVAL_FILE
@@ -391,6 +436,11 @@ class RLTrainer(Trainer):
         os.replace(temp, path)
 
     def _policy_state(self) -> dict[str, torch.Tensor]:
+        """The policy's full weights on every rank (gathered from the shards under FSDP2)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def _save_reference(self) -> None:
