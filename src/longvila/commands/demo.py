@@ -37,7 +37,7 @@ DATA_SIZES = {
     "vniah": {"haystack_seconds": 8, "num_needles": 2},
 }
 FULL = {
-    "steps": {1: 20, 2: 20, 3: 20, 4: 20, 5: 1000, 6: 50},
+    "steps": {1: 20, 2: 20, 3: 300, 4: 20, 5: 1000, 6: 50},
     "rl": {},
     "train_frames": 32,
     "frame_counts": [8, 16, 32, 64, 128],
@@ -155,6 +155,20 @@ def _grid_summary(grid, chance: float) -> dict:
     }
 
 
+HELD_OUT = {
+    "images": "digits and shapes drawn centred and full size in an ink colour no training frame uses "
+    "(orange, cyan, purple: longvila.data.synthetic.HELDOUT_INKS; training inks are red, yellow, green, "
+    "blue, magenta, black); words are never drawn in training at all",
+    "questions": "no held-out question is a training question: stages 3 and 5 ask about the odd frame in "
+    "other words (longvila.data.synthetic.ODD_FRAME_QUESTIONS), sharing only the key word "
+    "(number, shape, colour, order, sum)",
+    "haystack": "grey noise frames from their own seed stream, never a training sample",
+    "trained_skill": "stages 3 and 5 train 'say what the odd frame shows' on flat colours, digits, shapes "
+    "and digit pairs (their order and their sum) in the training inks, at random sizes and places",
+}
+"""What `niah_heldout` holds out relative to training (report.json, docs/evaluation.md)."""
+
+
 def niah_reports(trained, heldout: dict, out: Path, train_frames: int) -> tuple[dict, dict]:
     """`niah_trained` and `niah_heldout` of report.json, with their heat maps (`niah.png`, the
     trained needle; `niah_heldout.png`, the mean over held-out kinds)."""
@@ -184,6 +198,7 @@ def niah_reports(trained, heldout: dict, out: Path, train_frames: int) -> tuple[
     title = f"V-NIAH, HELD-OUT needles (never trained: digits, shapes, words, two-needle; chance {mean_chance:.2f})"
     niah_heldout = {
         "needle": "images and questions no training stage saw (longvila.data.synthetic.heldout_needles)",
+        "held_out": HELD_OUT,
         "chance": mean_chance,
         "mean_accuracy": round(float(np.mean([g.mean_accuracy for g in heldout.values()])), 4),
         "mean_accuracy_teacher_forced": round(
