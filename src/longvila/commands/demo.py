@@ -2,8 +2,9 @@
 
 1. synthetic data (`longvila.data.synthetic`): captions, short-video QA, passkey text;
 2. the five tiny stages (`recipes/tiny/stage{1..5}.yaml`), each starting from the previous one's export:
-   projector alignment, pre-training, short SFT, text-only context extension (LoRA, RoPE base 10^4 -> 10^6,
-   merged), long SFT on the needle task (haystacks of 1..32 frames, log-uniform);
+   projector alignment, pre-training, short SFT ("what does the odd frame show": flat colours and shapes
+   in 1..4-frame clips), text-only context extension (LoRA, RoPE base 10^4 -> 10^6, merged), long SFT on
+   the same odd-frame task in haystacks of 1..32 frames, log-uniform;
 3. V-NIAH on the exported stage-5 model over frame counts up to 4x the training length and depths
    0..100 %, twice: with the **trained** needle (a flat colour frame and the stage-5 question: the
    training task at new lengths, `niah_trained`, `niah.png`) and with **held-out** needles the model never
@@ -163,8 +164,9 @@ HELD_OUT = {
     "other words (longvila.data.synthetic.ODD_FRAME_QUESTIONS), sharing only the key word "
     "(number, shape, colour, order, sum)",
     "haystack": "grey noise frames from their own seed stream, never a training sample",
-    "trained_skill": "stages 3 and 5 train 'say what the odd frame shows' on flat colours, digits, shapes "
-    "and digit pairs (their order and their sum) in the training inks, at random sizes and places",
+    "trained_skill": "stages 3 and 5 train 'say what the odd frame shows' on flat colours and on shapes "
+    "(which shape, which colour) in the training inks, at random sizes and places "
+    "(longvila.train.data.ODD_FRAME_MIX); digits, words and digit pairs are not trained",
 }
 """What `niah_heldout` holds out relative to training (report.json, docs/evaluation.md)."""
 
