@@ -187,17 +187,9 @@ class PasskeyDataset(torch.utils.data.Dataset):
 
 def build_dataset(data, processor, seed: int) -> torch.utils.data.Dataset:
     """The dataset a recipe's `data` section describes."""
-    if data.kind == "needle":
-        return NeedleDataset(
-            processor,
-            num_samples=data.num_samples,
-            min_frames=data.min_frames,
-            max_frames=data.num_frames,
-            size=data.frame_size,
-            seed=seed,
-        )
-    if data.kind == "odd_frame":
-        return OddFrameDataset(
+    if data.kind in ("needle", "odd_frame"):
+        dataset = NeedleDataset if data.kind == "needle" else OddFrameDataset
+        return dataset(
             processor,
             num_samples=data.num_samples,
             min_frames=data.min_frames,
