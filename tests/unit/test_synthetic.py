@@ -171,3 +171,69 @@ def test_heldout_needles_are_seeded_and_disjoint_from_every_training_text(synth)
     for pair, total in zip(probes["two_digits"], probes["digit_sum"]):
         a, b = (int(x) for x in pair["answer"].split())
         assert int(total["answer"]) == a + b
+
+
+def _ink(frame: np.ndarray) -> str:
+    """The colour name of a white-ground frame's one ink colour."""
+    inks = {tuple(int(v) for v in rgb) for rgb in frame[(frame != 255).any(-1)]}
+    assert len(inks) == 1, inks
+    return {rgb: name for name, rgb in COLOURS.items()}[inks.pop()]
+
+
+def _drawn_items(images: list[np.ndarray], kind: str, answer: str) -> list[tuple[str, str]]:
+    """(item, ink colour) of each white-ground image whose item the answer names."""
+    if kind in ("digit", "shape"):
+        return [(answer, _ink(images[0]))]
+    if kind == "two_digits":
+        return [(item, _ink(image)) for item, image in zip(answer.split(), images)]
+    if kind == "word":  # never trained in any ink
+        return []
+    return [("?", _ink(image)) for image in images]
+
+
+@pytest.mark.parametrize("stage", [3, 5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_heldout_needle_or_question_is_in_the_demo_training_stream(seed, stage):
+    """Every sample stages 3 and 5 of `longvila demo --seed S` train on, regenerated: no frame is a held-out
+    needle image, no training digit or shape is drawn in an ink any held-out needle uses, no question is a
+    held-out question and no answer a held-out word."""
+    from longvila.commands.demo import FULL
+    from longvila.data.synthetic import HELDOUT_QUESTIONS, HELDOUT_WORDS, heldout_needles
+    from longvila.train.data import ODD_FRAME_MIX, OddFrameDataset, ResumableBatchSampler, build_dataset
+    from longvila.train.recipe import load_recipe
+
+    overrides = {"data": {"num_frames": FULL["train_frames"]}} if stage == 5 else {}
+    recipe = load_recipe(f"tiny/stage{stage}", {"run": {"seed": seed}, **overrides})
+    dataset = build_dataset(recipe.data, None, recipe.run.seed)
+    assert isinstance(dataset, OddFrameDataset)
+    sampler = ResumableBatchSampler(
+        recipe.data.num_samples, recipe.data.batch_size, seed=recipe.run.seed, shuffle=recipe.data.shuffle
+    )
+    used = sampler.order(0)[: FULL["steps"][stage] * recipe.data.batch_size]
+    # The demo asks FULL["heldout_per_kind"] probes per kind; check many more of the same stream.
+    probes = heldout_needles(seed, per_kind=20)
+    heldout_bytes = {image.tobytes() for items in probes.values() for p in items for image in p["images"]}
+    heldout_items = {
+        pair
+        for kind, items in probes.items()
+        for p in items
+        for pair in _drawn_items(p["images"], kind, p["answer"])
+    }
+    trained_items, kinds, questions, answers = set(), set(), set(), set()
+    for index in used:
+        sample = dataset.sample(index)
+        kinds.add(sample.kind)
+        questions.add(sample.question)
+        answers.add(sample.answer)
+        assert not any(frame.tobytes() in heldout_bytes for frame in sample.frames)
+        # Haystack noise is grey (40..210, never 255): frames with white pixels are the odd frames.
+        odd = [frame for frame in sample.frames if (frame == 255).all(-1).mean() > 0.1]
+        trained_items |= set(_drawn_items(odd, sample.kind, sample.answer))
+    assert kinds == set(ODD_FRAME_MIX)
+    assert not questions & set(HELDOUT_QUESTIONS.values())
+    assert not answers & set(HELDOUT_WORDS)
+    # Every trained digit or shape is also held out, in a disjoint set of inks.
+    trained = {item for item, _ in trained_items} - {"?"}
+    assert trained and trained <= {item for item, _ in heldout_items}
+    trained_inks, heldout_inks = {ink for _, ink in trained_items}, {ink for _, ink in heldout_items}
+    assert len(trained_inks) >= 3 and len(heldout_inks) >= 3 and not trained_inks & heldout_inks

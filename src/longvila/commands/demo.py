@@ -2,8 +2,9 @@
 
 1. synthetic data (`longvila.data.synthetic`): captions, short-video QA, passkey text;
 2. the five tiny stages (`recipes/tiny/stage{1..5}.yaml`), each starting from the previous one's export:
-   projector alignment, pre-training, short SFT, text-only context extension (LoRA, RoPE base 10^4 -> 10^6,
-   merged), long SFT on the needle task (haystacks of 1..32 frames, log-uniform);
+   projector alignment, pre-training, short SFT ("what does the odd frame show": flat colours and shapes
+   in 1..4-frame clips), text-only context extension (LoRA, RoPE base 10^4 -> 10^6, merged), long SFT on
+   the same odd-frame task in haystacks of 1..32 frames, log-uniform;
 3. V-NIAH on the exported stage-5 model over frame counts up to 4x the training length and depths
    0..100 %, twice: with the **trained** needle (a flat colour frame and the stage-5 question: the
    training task at new lengths, `niah_trained`, `niah.png`) and with **held-out** needles the model never
@@ -38,7 +39,7 @@ DATA_SIZES = {
     "vniah": {"haystack_seconds": 8, "num_needles": 2},
 }
 FULL = {
-    "steps": {1: 20, 2: 20, 3: 20, 4: 20, 5: 1000, 6: 110},
+    "steps": {1: 20, 2: 20, 3: 300, 4: 20, 5: 1000, 6: 110},
     "rl": {},
     "train_frames": 32,
     "frame_counts": [8, 16, 32, 64, 128],
@@ -156,6 +157,21 @@ def _grid_summary(grid, chance: float) -> dict:
     }
 
 
+HELD_OUT = {
+    "images": "digits and shapes drawn centred and full size in an ink colour no training frame uses "
+    "(orange, cyan, purple: longvila.data.synthetic.HELDOUT_INKS; training inks are red, yellow, green, "
+    "blue, magenta, black); words are never drawn in training at all",
+    "questions": "no held-out question is a training question: stages 3 and 5 ask about the odd frame in "
+    "other words (longvila.data.synthetic.ODD_FRAME_QUESTIONS), sharing only the key word "
+    "(number, shape, colour, order, sum)",
+    "haystack": "grey noise frames from their own seed stream, never a training sample",
+    "trained_skill": "stages 3 and 5 train 'say what the odd frame shows' on flat colours and on shapes "
+    "(which shape, which colour) in the training inks, at random sizes and places "
+    "(longvila.train.data.ODD_FRAME_MIX); digits, words and digit pairs are not trained",
+}
+"""What `niah_heldout` holds out relative to training (report.json, docs/evaluation.md)."""
+
+
 def niah_reports(trained, heldout: dict, out: Path, train_frames: int) -> tuple[dict, dict]:
     """`niah_trained` and `niah_heldout` of report.json, with their heat maps (`niah.png`, the
     trained needle; `niah_heldout.png`, the mean over held-out kinds)."""
@@ -185,6 +201,7 @@ def niah_reports(trained, heldout: dict, out: Path, train_frames: int) -> tuple[
     title = f"V-NIAH, HELD-OUT needles (never trained: digits, shapes, words, two-needle; chance {mean_chance:.2f})"
     niah_heldout = {
         "needle": "images and questions no training stage saw (longvila.data.synthetic.heldout_needles)",
+        "held_out": HELD_OUT,
         "chance": mean_chance,
         "mean_accuracy": round(float(np.mean([g.mean_accuracy for g in heldout.values()])), 4),
         "mean_accuracy_teacher_forced": round(

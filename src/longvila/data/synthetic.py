@@ -309,8 +309,8 @@ def make_vniah(
 ) -> Path:
     """The V-NIAH haystack video and needle set (evaluation; docs/evaluation.md).
 
-    Writes vniah/haystack.mp4 (drifting colour fields with noise), vniah/needles/NN.png (a coloured
-    digit on white) and vniah/needles.json: {"haystack", "fps", "needles": [{"image", "question",
+    Writes vniah/haystack.mp4 (drifting colour fields with noise), vniah/needles/NN.png (a digit on
+    white in a held-out ink colour) and vniah/needles.json: {"haystack", "fps", "needles": [{"image", "question",
     "answer"}]}; questions alternate between the digit and its colour.
     """
     out, rng = Path(out_dir) / "vniah", _rng(seed, "vniah")
@@ -329,9 +329,10 @@ def make_vniah(
     write_mp4(out / "haystack.mp4", haystack(), fps=fps)
     needles = []
     for i in range(num_needles):
-        digit, colour = int(rng.integers(10)), _pick(rng, COLOURS, exclude=("white",))
-        image = np.full((size, size, 3), 255, dtype=np.uint8)
-        draw_digit(image, digit, COLOURS[colour])
+        # Held-out inks, as the demo's held-out needles: never a training frame.
+        digit = int(rng.integers(10))
+        colour = ink_colour(rng, heldout=True)
+        image = digit_image(digit, colour, size)
         rel = f"needles/{i:02d}.png"
         Image.fromarray(image).save(out / rel)
         if i % 2 == 0:
@@ -349,8 +350,15 @@ def make_vniah(
 
 
 # --------------------------------------------------------------------------------------------------
-# Held-out V-NIAH needles: images and questions that no training set here contains
+# Odd frames: the needle family stage 5 trains on, and the held-out V-NIAH needles
 
+TRAINING_INKS = ("red", "yellow", "green", "blue", "magenta", "black")
+"""Ink colours of the digits and shapes stage 3 and 5 train on (on a white ground)."""
+HELDOUT_INKS = ("orange", "cyan", "purple")
+"""Ink colours of the held-out needles, never an ink in training: each lies between two training inks in
+hue (orange: red-yellow, cyan: green-blue, purple: blue-magenta). Every digit and shape is trained in every
+training ink, so an ink says nothing about the digit or shape (a split of (item, ink) pairs would: there a
+model learns which items an ink never carries, and is wrong exactly on the held-out pairs)."""
 HELDOUT_WORDS = ("apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "house")
 """Words the rendered-text needles spell (never in any caption, question or answer of the sets)."""
 HELDOUT_QUESTIONS = {
@@ -361,19 +369,56 @@ HELDOUT_QUESTIONS = {
     "two_digits": "Two frames show a number. Which numbers, in order? Answer like 3 7.",
     "digit_sum": "Two frames show a number. What is their sum?",
 }
-"""One question per held-out needle kind; none is a training question (the training sets ask about
-flat colour runs, moving shapes and pass keys)."""
+"""One question per held-out needle kind; none is a training question (`ODD_FRAME_QUESTIONS` are the
+training wordings: they share the key word -- number, shape, colour, order, sum -- never the sentence)."""
 HELDOUT_CHANCE = {
     "digit": 1 / 10,
     "shape": 1 / len(SHAPES),
     "word": 1 / len(HELDOUT_WORDS),
-    "shape_colour": 1 / (len(COLOURS) - 1),  # any colour but the white background
+    "shape_colour": 1 / len(HELDOUT_INKS),
     "two_digits": 1 / 100,
     "digit_sum": 10 / 100,  # the likeliest sum (9) of two uniform digits
 }
 """Accuracy of the best blind guess for each kind (answers drawn uniformly)."""
 MULTI_NEEDLE_KINDS = ("two_digits", "digit_sum")
 """Kinds whose probe is two needle frames (multi-needle; the sum is a two-hop question)."""
+ODD_FRAME_QUESTIONS = {
+    "digit": (
+        "One frame of this video shows a number. Which number is it?",
+        "Read the number on the odd frame. Answer with one digit.",
+        "What number does the odd frame show?",
+        "Which number is drawn in the odd picture?",
+    ),
+    "shape": (
+        "One frame of this video shows a shape. Which shape is it? Answer with one word.",
+        "Name the shape on the odd frame. Answer with one word.",
+        "What shape does the odd frame show?",
+        "Which shape is drawn in the odd picture? Answer with one word.",
+    ),
+    "shape_colour": (
+        "One frame of this video shows a shape. Which colour is that shape? Answer with one word.",
+        "Name the colour of the shape on the odd frame. Answer with one word.",
+        "What colour is the shape that the odd frame shows?",
+        "Which colour is the shape drawn in the odd picture? Answer with one word.",
+    ),
+    "two_digits": (
+        "Two frames of this video show numbers. Give both numbers in order, like 3 7.",
+        "Read the numbers on the two odd frames, in order. Answer like 3 7.",
+        "What numbers do the two odd frames show, in order?",
+    ),
+    "digit_sum": (
+        "Two frames of this video show numbers. Give the sum of the two numbers.",
+        "Add the numbers on the two odd frames. What is the sum?",
+        "What is the sum of the numbers that the two odd frames show?",
+    ),
+}
+"""Training wordings of the odd-frame kinds (stage 5), several per kind so the model keys on the
+question's meaning rather than one sentence; the evaluation asks `HELDOUT_QUESTIONS` instead."""
+
+
+def ink_colour(rng: np.random.Generator, heldout: bool) -> str:
+    """A random ink colour for a digit or shape: one of HELDOUT_INKS or of TRAINING_INKS."""
+    return _pick(rng, HELDOUT_INKS if heldout else TRAINING_INKS)
 
 
 def render_word(word: str, size: int, colour: tuple[int, int, int] = (5, 5, 5)) -> np.ndarray:
@@ -404,37 +449,92 @@ def _pil_font_sizes() -> bool:
     return "size" in inspect.signature(ImageFont.load_default).parameters
 
 
-def digit_image(digit: int, colour: str, size: int) -> np.ndarray:
-    """A `colour` seven-segment `digit` on white, (size, size, 3) uint8."""
+def digit_image(digit: int, colour: str, size: int, box: tuple[int, int, int] | None = None) -> np.ndarray:
+    """A `colour` seven-segment `digit` on white, (size, size, 3) uint8, filling the frame or the
+    square `box` = (top, left, side)."""
     image = np.full((size, size, 3), 255, dtype=np.uint8)
-    return draw_digit(image, digit, COLOURS[colour])
-
-
-def shape_image(shape: str, colour: str, size: int) -> np.ndarray:
-    """A `colour` `shape` centred on white, (size, size, 3) uint8."""
-    image = np.full((size, size, 3), 255, dtype=np.uint8)
-    image[shape_mask(shape, size, size / 2, size / 2, size / 3)] = COLOURS[colour]
+    top, left, side = box or (0, 0, size)
+    draw_digit(image[top : top + side, left : left + side], digit, COLOURS[colour])
     return image
+
+
+def shape_image(
+    shape: str, colour: str, size: int, centre: tuple[float, float] | None = None, radius: float | None = None
+) -> np.ndarray:
+    """A `colour` `shape` on white, (size, size, 3) uint8; centred with radius size/3 by default."""
+    image = np.full((size, size, 3), 255, dtype=np.uint8)
+    cx, cy = centre or (size / 2, size / 2)
+    image[shape_mask(shape, size, cx, cy, radius or size / 3)] = COLOURS[colour]
+    return image
+
+
+def _jittered_digit(rng: np.random.Generator, digit: int, size: int) -> np.ndarray:
+    """A training digit: one of TRAINING_INKS, a random square box of side 5/8..1 of the frame."""
+    side = int(rng.integers(size * 5 // 8, size + 1))
+    top, left = (int(v) for v in rng.integers(0, size - side + 1, 2))
+    return digit_image(digit, ink_colour(rng, heldout=False), size, (top, left, side))
+
+
+def _jittered_shape(rng: np.random.Generator, shape: str, colour: str, size: int) -> np.ndarray:
+    """A training shape: radius size/5..size/3 at a random centre that keeps it in the frame."""
+    radius = float(rng.uniform(size / 5, size / 3))
+    cx, cy = rng.uniform(radius, size - radius, 2)
+    return shape_image(shape, colour, size, (float(cx), float(cy)), radius)
+
+
+def odd_frame_probe(kind: str, rng: np.random.Generator, size: int) -> dict:
+    """One training odd-frame probe of `kind` (a key of ODD_FRAME_QUESTIONS): {"images": [uint8
+    (size, size, 3)] (two for MULTI_NEEDLE_KINDS), "question", "answer"}.
+
+    Digits and shapes are drawn on white in one of TRAINING_INKS at a random size and place; the question is one of the kind's training wordings."""
+    question = _pick(rng, ODD_FRAME_QUESTIONS[kind])
+    if kind == "digit":
+        digit = int(rng.integers(10))
+        return {"images": [_jittered_digit(rng, digit, size)], "question": question, "answer": str(digit)}
+    if kind in ("shape", "shape_colour"):
+        index = int(rng.integers(len(SHAPES)))
+        colour = ink_colour(rng, heldout=False)
+        answer = SHAPES[index] if kind == "shape" else colour
+        return {
+            "images": [_jittered_shape(rng, SHAPES[index], colour, size)],
+            "question": question,
+            "answer": answer,
+        }
+    if kind in MULTI_NEEDLE_KINDS:
+        a, b = (int(d) for d in rng.integers(10, size=2))
+        answer = f"{a} {b}" if kind == "two_digits" else str(a + b)
+        images = [_jittered_digit(rng, a, size), _jittered_digit(rng, b, size)]
+        return {"images": images, "question": question, "answer": answer}
+    raise ValueError(f"unknown odd-frame kind {kind!r}; choose from {tuple(ODD_FRAME_QUESTIONS)}")
 
 
 def heldout_needles(seed: int = 0, per_kind: int = 4, size: int = 64) -> dict[str, list[dict]]:
     """Held-out V-NIAH probes, `per_kind` of each kind in HELDOUT_QUESTIONS: {kind: [{"images":
     [uint8 (size, size, 3), ...], "question", "answer"}]}. One image per probe, two for the
-    MULTI_NEEDLE_KINDS (placed in that order in the video). Seeded; answers drawn uniformly."""
+    MULTI_NEEDLE_KINDS (placed in that order in the video). Seeded; answers drawn uniformly.
+
+    Digits and shapes are drawn centred and full size in one of HELDOUT_INKS (never an ink in training);
+    words are never drawn in training at all."""
     rng = np.random.default_rng([seed, 7919])  # a stream no training set draws from
-    colours = [c for c in COLOURS if c != "white"]
     probes: dict[str, list[dict]] = {kind: [] for kind in HELDOUT_QUESTIONS}
+
+    def digit(value: int) -> np.ndarray:
+        return digit_image(value, ink_colour(rng, heldout=True), size)
+
     for _ in range(per_kind):
-        digit, colour = int(rng.integers(10)), _pick(rng, colours)
-        probes["digit"].append({"images": [digit_image(digit, colour, size)], "answer": str(digit)})
-        shape, colour = _pick(rng, SHAPES), _pick(rng, colours)
-        probes["shape"].append({"images": [shape_image(shape, colour, size)], "answer": shape})
+        value = int(rng.integers(10))
+        probes["digit"].append({"images": [digit(value)], "answer": str(value)})
+        index = int(rng.integers(len(SHAPES)))
+        colour = ink_colour(rng, heldout=True)
+        probes["shape"].append(
+            {"images": [shape_image(SHAPES[index], colour, size)], "answer": SHAPES[index]}
+        )
         word = _pick(rng, HELDOUT_WORDS)
         probes["word"].append({"images": [render_word(word, size)], "answer": word})
-        shape, colour = _pick(rng, SHAPES), _pick(rng, colours)
+        shape, colour = _pick(rng, SHAPES), ink_colour(rng, heldout=True)
         probes["shape_colour"].append({"images": [shape_image(shape, colour, size)], "answer": colour})
         a, b = (int(d) for d in rng.integers(10, size=2))
-        pair = [digit_image(a, _pick(rng, colours), size), digit_image(b, _pick(rng, colours), size)]
+        pair = [digit(a), digit(b)]
         probes["two_digits"].append({"images": pair, "answer": f"{a} {b}"})
         probes["digit_sum"].append({"images": pair, "answer": str(a + b)})
     for kind, items in probes.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 import torch.utils.data
 
 from longvila.data.manifest import ManifestDataset, SkipCollate
-from longvila.data.synthetic import COLOURS, noise_frame, passkey_text
+from longvila.data.synthetic import COLOURS, odd_frame_probe, passkey_text
 
 NEEDLE_QUESTION = (
     "One moment of this video is a single flat colour. Which colour is it? Answer with one word."
@@ -31,9 +32,13 @@ def needle_frame(colour: str, size: int) -> np.ndarray:
     return np.broadcast_to(np.array(COLOURS[colour], dtype=np.uint8), (size, size, 3)).copy()
 
 
-def noise_frames(rng: np.random.Generator, num: int, size: int) -> np.ndarray:
-    """(num, size, size, 3) uint8 haystack frames of grey block noise (never one flat colour)."""
-    return np.stack([noise_frame(rng, size) for _ in range(num)])
+def noise_frames(rng: np.random.Generator, num: int, size: int, block: int = 8) -> np.ndarray:
+    """(num, size, size, 3) uint8 haystack frames of grey block noise (never one flat colour, never
+    white): `noise_frame`'s pictures, drawn for all frames at once (the data loader's hot spot)."""
+    cells = rng.integers(60, 190, (num, size // block, size // block, 1), dtype=np.uint8)
+    tint = rng.integers(-20, 21, (num, size // block, size // block, 3))
+    small = np.clip(cells.astype(np.int16) + tint, 0, 255).astype(np.uint8)
+    return small.repeat(block, axis=1).repeat(block, axis=2)
 
 
 def log_uniform_length(rng: np.random.Generator, low: int, high: int) -> int:
@@ -79,6 +84,85 @@ class NeedleDataset(torch.utils.data.Dataset):
         return self.processor(needle_messages(frames, colour), num_frames=num)
 
 
+ODD_FRAME_MIX = {"colour": 0.45, "shape": 0.25, "shape_colour": 0.3}
+"""Share of each needle kind in the `odd_frame` task: the flat colour (the trained V-NIAH needle, with
+NEEDLE_QUESTION) and the odd-frame kinds of `longvila.data.synthetic.odd_frame_probe`."""
+
+
+@dataclass(frozen=True)
+class OddFrameSample:
+    """One `odd_frame` sample before the processor: frames uint8 (N, H, W, 3), the question, the answer."""
+
+    kind: str
+    frames: np.ndarray
+    question: str
+    answer: str
+
+
+class OddFrameDataset(torch.utils.data.Dataset):
+    """Long-video "find the odd frame and describe it" made in memory: noise frames with one or two odd
+    frames of a kind drawn from `mix` (a flat colour, a digit, a shape, two digits), and a question about
+    them. Lengths are log-uniform in [min_frames, max_frames] as in `NeedleDataset`; the odd frames
+    replace noise frames at random places, in order.
+
+    The skill (read what the odd frame shows, at any length) is what the held-out V-NIAH needles test;
+    their images and questions are never drawn here (docs/evaluation.md, "What is held out").
+    """
+
+    def __init__(
+        self,
+        processor,
+        *,
+        num_samples: int,
+        min_frames: int,
+        max_frames: int,
+        size: int,
+        seed: int,
+        mix: dict[str, float] | None = None,
+    ):
+        self.processor = processor
+        self.num_samples = num_samples
+        self.min_frames, self.max_frames = min_frames, max_frames
+        self.size = size
+        self.seed = seed
+        mix = dict(mix or ODD_FRAME_MIX)
+        self.kinds = tuple(mix)
+        weights = np.array([mix[k] for k in self.kinds], dtype=np.float64)
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"odd-frame mix weights must be >= 0 with a positive sum, got {mix}")
+        self.cumulative = np.cumsum(weights / weights.sum())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def sample(self, index: int) -> OddFrameSample:
+        """The raw sample `index` (made from (seed, index) alone)."""
+        rng = np.random.default_rng([self.seed, 6, index])
+        kind = self.kinds[
+            min(int(np.searchsorted(self.cumulative, rng.uniform(), side="right")), len(self.kinds) - 1)
+        ]
+        if kind == "colour":
+            colour = COLOUR_NAMES[int(rng.integers(len(COLOUR_NAMES)))]
+            probe = {
+                "images": [needle_frame(colour, self.size)],
+                "question": NEEDLE_QUESTION,
+                "answer": colour,
+            }
+        else:
+            probe = odd_frame_probe(kind, rng, self.size)
+        images = probe["images"]
+        num = max(len(images), log_uniform_length(rng, self.min_frames, self.max_frames))
+        frames = noise_frames(rng, num, self.size)
+        for at, image in zip(np.sort(rng.choice(num, len(images), replace=False)), images):
+            frames[at] = image
+        return OddFrameSample(kind, frames, probe["question"], probe["answer"])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.sample(index)
+        messages = needle_messages(sample.frames, sample.answer, sample.question)
+        return self.processor(messages, num_frames=len(sample.frames))
+
+
 class PasskeyDataset(torch.utils.data.Dataset):
     """Text-only passkey retrieval made in memory (stage 4, context extension)."""
 
@@ -103,8 +187,9 @@ class PasskeyDataset(torch.utils.data.Dataset):
 
 def build_dataset(data, processor, seed: int) -> torch.utils.data.Dataset:
     """The dataset a recipe's `data` section describes."""
-    if data.kind == "needle":
-        return NeedleDataset(
+    if data.kind in ("needle", "odd_frame"):
+        dataset = NeedleDataset if data.kind == "needle" else OddFrameDataset
+        return dataset(
             processor,
             num_samples=data.num_samples,
             min_frames=data.min_frames,

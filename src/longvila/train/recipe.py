@@ -26,7 +26,7 @@ import yaml
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 """Packaged recipes (`recipes/` at the repository root links here)."""
 
-DATA_KINDS = ("manifest", "needle", "passkey", "packed_text", "rl_task")
+DATA_KINDS = ("manifest", "needle", "odd_frame", "passkey", "packed_text", "rl_task")
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -87,7 +87,9 @@ class DataSection:
 
     kind: str = "manifest"
     """`manifest` (a JSONL manifest, LLaVA/VILA layout), `needle` (synthetic long-video needle QA made in
-    memory: one flat-colour frame in noise, lengths log-uniform in [min_frames, num_frames]) or `passkey`
+    memory: one flat-colour frame in noise, lengths log-uniform in [min_frames, num_frames]), `odd_frame` (the
+    same haystacks with one or two odd frames -- a flat colour, a digit, a shape, two digits -- and a
+    question about them; `longvila.train.data.OddFrameDataset`) or `passkey`
     (synthetic text-only passkey retrieval made in memory) or `packed_text` (rows written by
     `longvila data pack-text`, for stage 4) or `rl_task` (stage 6: the synthetic questions of
     `rl.task`, made in memory; `num_frames` and `frame_size` shape their videos, `batch_size` is the
@@ -415,8 +417,10 @@ class Recipe:
     def check(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).check()
-        if self.stage.number == 4 and self.data.kind == "needle":
-            raise ValueError("stage.number 4 (context extension) is text only; data.kind 'needle' has video")
+        if self.stage.number == 4 and self.data.kind in ("needle", "odd_frame"):
+            raise ValueError(
+                f"stage.number 4 (context extension) is text only; data.kind {self.data.kind!r} has video"
+            )
         if (self.stage.number == 6) != (self.data.kind == "rl_task"):
             raise ValueError(
                 f"stage.number {self.stage.number} with data.kind {self.data.kind!r}: stage 6 (RL) and "
