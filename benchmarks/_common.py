@@ -10,7 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
-from longvila.plan.shapes import PRESETS, SIGLIP_SO400M as _SIGLIP_SO400M, TINY  # noqa: E402
+from longvila.plan.shapes import PRESETS, TINY  # noqa: E402
+from longvila.plan.shapes import SIGLIP_SO400M as _SIGLIP_SO400M
 
 # Model shapes come from the one registry (longvila.plan.shapes); random weights are used. "tiny" is the
 # CPU-sized stand-in so that tests can run every benchmark end to end.

@@ -132,7 +132,9 @@ class LongVILAConfig:
 
         # Sizes from the one shape registry; RoPE base and context as the tiny default has always had.
         llm = TINY.llm.hf_config(
-            vocab_size=vocab_size or tiny_tokenizer_vocab_size(), rope_theta=10000.0, max_position_embeddings=32768
+            vocab_size=vocab_size or tiny_tokenizer_vocab_size(),
+            rope_theta=10000.0,
+            max_position_embeddings=32768,
         )
         vision = TINY.vision.hf_config()
         overrides.setdefault("image_token_id", tiny_tokenizer_token_id(IMAGE_TOKEN))

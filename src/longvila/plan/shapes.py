@@ -162,13 +162,22 @@ class ModelShape:
 SIGLIP_SO400M = VisionShape(
     hidden=1152, intermediate=4304, layers=27, layers_run=26, heads=16, image_size=384, patch_size=14
 )
-SIGLIP_TINY = VisionShape(hidden=48, intermediate=96, layers=3, layers_run=2, heads=4, image_size=64, patch_size=8)
+SIGLIP_TINY = VisionShape(
+    hidden=48, intermediate=96, layers=3, layers_run=2, heads=4, image_size=64, patch_size=8
+)
 """A CPU-sized SigLIP: 64 px, patch 8 -> an 8x8 grid -> 16 tokens per frame after the 2x2 merge."""
 
 TINY = ModelShape(
     name="tiny (the embedded CPU default)",
     llm=LLMShape(
-        hidden=64, intermediate=176, layers=2, q_heads=4, kv_heads=2, head_dim=16, vocab=1024, tie_embeddings=True
+        hidden=64,
+        intermediate=176,
+        layers=2,
+        q_heads=4,
+        kv_heads=2,
+        head_dim=16,
+        vocab=1024,
+        tie_embeddings=True,
     ),
     vision=SIGLIP_TINY,
 )
