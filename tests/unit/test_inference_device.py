@@ -7,7 +7,8 @@ import torch
 from _models import lively_checkpoint
 
 from longvila.cli import main as cli_main
-from longvila.commands._model import load_for_inference, resolve_device, resolve_dtype
+from longvila.commands._model import load_for_inference, resolve_dtype
+from longvila.devices import resolve_device
 
 
 @pytest.fixture(scope="module")

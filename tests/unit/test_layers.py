@@ -29,6 +29,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "longvila.plan.",
         "longvila.text.",
         "longvila.config",
+        "longvila.devices",
         "longvila.version",
     ),
 )

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from longvila.devices import resolve_device
+
 
 @dataclass
 class DistInfo:
@@ -41,14 +43,10 @@ def setup_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
     global_rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device is 'cuda' but no CUDA device is available")
+    torch_device = resolve_device(device, local_rank=local_rank, what="run.device")
+    use_cuda = torch_device.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        torch_device = torch.device("cuda", local_rank)
-    else:
-        torch_device = torch.device("cpu")
+        torch.cuda.set_device(torch_device)
     if world_size > 1 and not dist.is_initialized():
         chosen = backend if backend != "auto" else ("nccl" if use_cuda else "gloo")
         dist.init_process_group(chosen, rank=global_rank, world_size=world_size)
