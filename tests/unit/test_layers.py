@@ -30,6 +30,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "longvila.text.",
         "longvila.config",
         "longvila.devices",
+        "longvila.files",
         "longvila.version",
     ),
 )

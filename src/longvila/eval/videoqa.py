@@ -26,6 +26,7 @@ import numpy as np
 
 from longvila.data.synthetic import COLOURS as SYNTHETIC_COLOURS
 from longvila.eval.letters import build_prompt, extract_letter, option_letters
+from longvila.files import write_json_atomic
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -300,9 +301,7 @@ def run_videoqa(
     summary = summarize([r for qid, r in done.items() if qid in wanted], problems)
     summary.update(data=str(data), num_frames=num_frames, fps=fps)
     if writer:
-        tmp = out / f"{SUMMARY}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(out / SUMMARY)
+        write_json_atomic(out / SUMMARY, summary)
     return summary
 
 
