@@ -18,13 +18,13 @@ import os
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from longvila.data.synthetic import COLOURS as SYNTHETIC_COLOURS
+from longvila.data.synthetic import write_mp4
 from longvila.eval.letters import build_prompt, extract_letter, option_letters
 from longvila.files import write_json_atomic
 
@@ -310,28 +310,6 @@ def run_videoqa(
 COLOURS = {name: SYNTHETIC_COLOURS[name] for name in ("red", "green", "blue", "yellow", "white", "black")}
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
-    """Write uint8 (T, H, W, 3) frames as an MPEG-4 Part 2 video (every PyAV wheel has the encoder)."""
-    import av
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        stream.options = {"qscale": "2"}
-        for frame in frames:
-            for packet in stream.encode(
-                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            ):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 def write_synthetic_videoqa(
     out_dir: str | os.PathLike, num_questions: int = 6, num_frames: int = 8, size: int = 64, seed: int = 0
 ) -> Path:
@@ -351,7 +329,7 @@ def write_synthetic_videoqa(
         noise = rng.integers(-12, 13, size=frames.shape)
         frames = np.clip(frames.astype(np.int16) + noise, 0, 255).astype(np.uint8)
         video = f"videos/{i:03d}.mp4"
-        write_video(out / video, frames)
+        write_mp4(out / video, frames)
         records.append(
             Question(
                 question_id=f"synthetic-{i}",
