@@ -12,8 +12,6 @@ from longvila.commands._model import (
     sequence_parallel_from_args,
 )
 
-HELP = "evaluate: needle in a haystack, video QA"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
