@@ -32,6 +32,24 @@ def _split_prompts(model, input_ids, pixel_values, cu_seqlens, sp):
     return prompts
 
 
+def check_prompt_positions(position_ids: torch.Tensor, shape: torch.Size, cu_seqlens=None) -> None:
+    """Generation numbers each prompt's tokens 0..n-1: prompts are the rows of a (B, T) batch, or the
+    samples of a packed row split at `cu_seqlens` (the last one running to T). `position_ids` (B, T) that
+    say otherwise raise ValueError rather than being silently replaced."""
+    length = shape[-1]
+    bounds = [0, length] if cu_seqlens is None else [int(b) for b in cu_seqlens]
+    if bounds[-1] < length:
+        bounds.append(length)
+    expected = torch.cat([torch.arange(end - start) for start, end in zip(bounds, bounds[1:])])
+    if tuple(position_ids.shape) != tuple(shape) or not torch.equal(
+        position_ids.detach().cpu().long(), expected.expand(shape[0], -1)
+    ):
+        raise ValueError(
+            "position_ids: generate numbers every prompt from 0 (restarting at each cu_seqlens boundary, as "
+            "processor.collate does); other positions are not supported, leave position_ids out"
+        )
+
+
 def _prefill(model, embeds, position_ids, ctx, cache, chunk_size):
     """Run the prompt through the LLM filling the KV cache; returns the last position's hidden state.
 
