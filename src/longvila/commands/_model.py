@@ -95,3 +95,23 @@ def sequence_parallel_from_args(args: argparse.Namespace, command: str):
     kind = "auto" if args.device == "auto" else resolve_device(args.device).type
     info = setup_distributed(device=kind)
     return init_sp(ulysses=args.ulysses, ring=args.ring), info.device
+
+
+def report_from_sp_rank0(command: str, errors: tuple[type[BaseException], ...], work):
+    """Run `work() -> (sp or None, result)` the way every SP-capable command does: on one of `errors`, print
+    `longvila COMMAND: error: ...` and give exit code 1; tear the process group down either way. Returns
+    (exit code, result), the result None except on the rank that reports (SP rank 0, or the only one)."""
+    import sys
+
+    from longvila.train.distributed import teardown_distributed
+
+    try:
+        sp, result = work()
+    except errors as exc:
+        print(f"longvila {command}: error: {exc}", file=sys.stderr)
+        return 1, None
+    finally:
+        teardown_distributed()
+    if sp is not None and sp.sp_rank != 0:
+        return 0, None  # every rank computed the same result; SP rank 0 reports it
+    return 0, result
