@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from longvila.parallel.attention import boundaries_tuple
+from longvila.kernels.attention import boundaries_tuple
 from longvila.parallel.ring import RingPlan, ring_attention
 from longvila.parallel.ulysses import check_heads, gather_heads, replicate_kv_heads, scatter_heads
 from longvila.parallel.zigzag import check_sequence_length
