@@ -167,75 +167,43 @@ SIGLIP_TINY = VisionShape(
 )
 """A CPU-sized SigLIP: 64 px, patch 8 -> an 8x8 grid -> 16 tokens per frame after the 2x2 merge."""
 
+
+def _decoder(row: tuple[int, ...], *, tie: bool = False, qkv_bias: bool = True) -> LLMShape:
+    """An LLMShape from a table row (hidden, intermediate, layers, q heads, kv heads, head dim, vocab)."""
+    hidden, intermediate, layers, q_heads, kv_heads, head_dim, vocab = row
+    return LLMShape(
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=vocab,
+        tie_embeddings=tie,
+        qkv_bias=qkv_bias,
+    )
+
+
+# The released config.json sizes:  hidden  inter  layers  q  kv  head  vocab
+QWEN2_7B = _decoder((3584, 18944, 28, 28, 4, 128, 152064))  # vocab 151,936 tokens + padding
+QWEN2_1_5B = _decoder((1536, 8960, 28, 12, 2, 128, 151936), tie=True)
+QWEN2_0_5B = _decoder((896, 4864, 24, 14, 2, 64, 151936), tie=True)
+LLAMA3_8B = _decoder((4096, 14336, 32, 32, 8, 128, 128256), qkv_bias=False)
+
 TINY = ModelShape(
     name="tiny (the embedded CPU default)",
-    llm=LLMShape(
-        hidden=64,
-        intermediate=176,
-        layers=2,
-        q_heads=4,
-        kv_heads=2,
-        head_dim=16,
-        vocab=1024,
-        tie_embeddings=True,
-    ),
+    llm=_decoder((64, 176, 2, 4, 2, 16, 1024), tie=True),
     vision=SIGLIP_TINY,
 )
 """The tiny default of `LongVILAConfig.tiny` (its vocabulary is the tiny tokenizer's) and the CPU stand-in of
 the benchmarks; not a planner preset."""
 
 PRESETS: dict[str, ModelShape] = {
-    # Qwen2-7B (LongVILA-7B); vocab as in its config.json (151,936 tokens + padding to 152,064).
-    "7b": ModelShape(
-        name="LongVILA-7B (Qwen2-7B)",
-        llm=LLMShape(
-            hidden=3584, intermediate=18944, layers=28, q_heads=28, kv_heads=4, head_dim=128, vocab=152064
-        ),
-        vision=SIGLIP_SO400M,
-    ),
-    "1.5b": ModelShape(
-        name="LongVILA-1.5B (Qwen2-1.5B)",
-        llm=LLMShape(
-            hidden=1536,
-            intermediate=8960,
-            layers=28,
-            q_heads=12,
-            kv_heads=2,
-            head_dim=128,
-            vocab=151936,
-            tie_embeddings=True,
-        ),
-        vision=SIGLIP_SO400M,
-    ),
-    "0.5b": ModelShape(
-        name="LongVILA-0.5B (Qwen2-0.5B)",
-        llm=LLMShape(
-            hidden=896,
-            intermediate=4864,
-            layers=24,
-            q_heads=14,
-            kv_heads=2,
-            head_dim=64,
-            vocab=151936,
-            tie_embeddings=True,
-        ),
-        vision=SIGLIP_SO400M,
-    ),
+    "7b": ModelShape(name="LongVILA-7B (Qwen2-7B)", llm=QWEN2_7B, vision=SIGLIP_SO400M),
+    "1.5b": ModelShape(name="LongVILA-1.5B (Qwen2-1.5B)", llm=QWEN2_1_5B, vision=SIGLIP_SO400M),
+    "0.5b": ModelShape(name="LongVILA-0.5B (Qwen2-0.5B)", llm=QWEN2_0_5B, vision=SIGLIP_SO400M),
     # Llama-3-8B, the LLM of the paper's LongVILA-8B (its system measurements).
-    "8b": ModelShape(
-        name="LongVILA-8B (Llama-3-8B)",
-        llm=LLMShape(
-            hidden=4096,
-            intermediate=14336,
-            layers=32,
-            q_heads=32,
-            kv_heads=8,
-            head_dim=128,
-            vocab=128256,
-            qkv_bias=False,
-        ),
-        vision=SIGLIP_SO400M,
-    ),
+    "8b": ModelShape(name="LongVILA-8B (Llama-3-8B)", llm=LLAMA3_8B, vision=SIGLIP_SO400M),
 }
 
 
