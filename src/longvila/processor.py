@@ -160,7 +160,16 @@ class LongVILAProcessor:
         PIL bicubic resize to the tower's square size, then (x / 255 - mean) / std."""
         return preprocess_frames(frames_THWC, self.image_size, self.image_mean, self.image_std)
 
-    def _load_video(self, item: Any, num_frames: int | None, fps: float | None, max_frames: int | None):
+    def _load_video(
+        self,
+        item: Any,
+        num_frames: int | None,
+        fps: float | None,
+        max_frames: int | None,
+        frames_sampled: bool = False,
+    ):
+        if frames_sampled and not isinstance(item, (str, Path)):
+            return check_frames(item, "video")
         if isinstance(item, (str, Path)):
             from longvila.data.video import decode_frames
 
@@ -195,6 +204,7 @@ class LongVILAProcessor:
         fps: float | None = None,
         max_frames: int | None = None,
         add_generation_prompt: bool | None = None,
+        frames_sampled: bool = False,
     ) -> dict[str, Any]:
         """Tokenise one conversation with its media.
 
@@ -202,6 +212,10 @@ class LongVILAProcessor:
         `{"type": "image", "image": ...}`) or as `<video>` / `<image>` placeholders in the text, filled
         from `videos` / `images` in order. Returns `input_ids`, `labels` (T,), `pixel_values`
         (F, 3, S, S) and `num_frames` (frames per media item).
+
+        Video arrays are sampled like paths (`num_frames`, or `fps` capped by `max_frames`) unless
+        `frames_sampled=True`: then every array is taken as it is, its frames already chosen (a chat
+        history, a server request's decoded media); paths are still decoded and sampled.
         """
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
@@ -222,7 +236,7 @@ class LongVILAProcessor:
             if role != "user" and role != "system":
                 raise ValueError(f"a {kind} in a {role} turn: media may only stand in user turns")
             clip = (
-                self._load_video(item, num_frames, fps, max_frames)
+                self._load_video(item, num_frames, fps, max_frames, frames_sampled)
                 if kind == "video"
                 else self._load_image(item)
             )

@@ -28,7 +28,7 @@ def test_ask_cli_under_torchrun_prints_the_single_process_answer(tmp_path):
     import numpy as np
     from _models import lively_checkpoint
 
-    from longvila.eval.videoqa import write_video
+    from longvila.data.synthetic import write_mp4 as write_video
 
     ckpt = lively_checkpoint(tmp_path / "ckpt")
     frames = np.random.default_rng(1).integers(0, 255, (8, 64, 64, 3), dtype=np.uint8)

@@ -9,17 +9,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-QWEN2_05B = dict(
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    head_dim=64,
-    vocab_size=151936,
-    max_position_embeddings=131072,
-    rope_theta=1e6,
-)  # config.json of Qwen/Qwen2-0.5B; random weights
+from longvila.plan.shapes import PRESETS
+
+# config.json of Qwen/Qwen2-0.5B (sizes from the shape registry); random weights
+QWEN2_05B = PRESETS["0.5b"].llm.hf_config(max_position_embeddings=131072)
 
 
 def _model():

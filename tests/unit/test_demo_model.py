@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from longvila.eval.videoqa import write_video
+from longvila.data.synthetic import write_mp4 as write_video
 from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame, noise_frames
 
 CLI = [sys.executable, "-m", "longvila.cli"]

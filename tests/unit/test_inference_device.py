@@ -7,7 +7,8 @@ import torch
 from _models import lively_checkpoint
 
 from longvila.cli import main as cli_main
-from longvila.commands._model import load_for_inference, resolve_device, resolve_dtype
+from longvila.commands._model import load_for_inference, resolve_dtype
+from longvila.devices import resolve_device
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,8 @@ def test_ask_runs_the_model_in_the_dtype_asked_for(ckpt, tmp_path, capsys):
     import numpy as np
 
     from longvila.chat import ChatSession
+    from longvila.data.synthetic import write_mp4 as write_video
     from longvila.data.video import decode_frames
-    from longvila.eval.videoqa import write_video
 
     frames = np.random.default_rng(0).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
     path = write_video(tmp_path / "clip.mp4", frames)

@@ -29,6 +29,8 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "longvila.plan.",
         "longvila.text.",
         "longvila.config",
+        "longvila.devices",
+        "longvila.files",
         "longvila.version",
     ),
 )

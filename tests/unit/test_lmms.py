@@ -21,8 +21,9 @@ if importlib.util.find_spec("lmms_eval") is None:
 from _models import lively_tiny_model
 
 from longvila import LongVILA, LongVILAProcessor  # noqa: E402
+from longvila.data.synthetic import write_mp4 as write_video  # noqa: E402
 from longvila.eval.letters import build_prompt  # noqa: E402
-from longvila.eval.videoqa import COLOURS, write_video  # noqa: E402
+from longvila.eval.videoqa import COLOURS  # noqa: E402
 
 TASK_DIR = Path(__file__).resolve().parents[1] / "assets" / "lmms_task"
 MAX_NEW_TOKENS = 16  # the task's generation_kwargs

@@ -266,3 +266,30 @@ def test_chunked_prefill_gives_the_same_tokens(lively, tiny_processor):
             together[row].tolist()
             == tiny_model.generate(**single, max_new_tokens=6, eos_token_id=[])[0].tolist()
         )
+
+
+def test_extra_inputs_are_checked_not_swallowed(tiny_model, tiny_processor):
+    ids = random_ids(12)
+    plain = tiny_model(input_ids=ids, return_logits=True).logits
+    ones = tiny_model(input_ids=ids, attention_mask=torch.ones_like(ids), return_logits=True).logits
+    torch.testing.assert_close(ones, plain, rtol=0, atol=0)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="attention_mask masks some tokens"):
+        tiny_model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(TypeError, match="token_type_ids"):
+        tiny_model(input_ids=ids, token_type_ids=torch.zeros_like(ids))
+    samples = [tiny_processor([{"role": "user", "content": text}]) for text in ("Hi there", "Why?")]
+    batch = tiny_processor.collate(samples)
+    bounds = batch["cu_seqlens"].tolist()
+    # generation numbers each packed prompt from 0, as collate does: accepted as given
+    assert torch.equal(
+        batch["position_ids"][0], torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])])
+    )
+    tiny_model.generate(**batch, max_new_tokens=1, eos_token_id=[])
+    with pytest.raises(ValueError, match="position_ids"):
+        tiny_model.generate(
+            **{**batch, "position_ids": torch.arange(bounds[-1])[None]}, max_new_tokens=1, eos_token_id=[]
+        )
+    with pytest.raises(ValueError, match="attention_mask"):
+        tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1)

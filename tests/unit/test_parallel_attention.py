@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from longvila.parallel.attention import (
+from longvila.kernels.attention import (
     block_attention_backward,
     block_attention_forward,
     block_mask,

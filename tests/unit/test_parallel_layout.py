@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from longvila.kernels.attention import reference_attention, segment_ids_from_cu_seqlens
 from longvila.parallel import SequenceParallel, init_sp, sp_attention, zigzag_indices
-from longvila.parallel.attention import reference_attention, segment_ids_from_cu_seqlens
 from longvila.parallel.hybrid import sp_attention_comm_bytes
 from longvila.parallel.ulysses import check_heads
 

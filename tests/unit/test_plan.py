@@ -196,3 +196,31 @@ def test_plan_package_does_not_import_torch():
     code = "import sys, longvila.plan, longvila.commands.plan; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    ("q_heads", "kv_heads", "fitting"),
+    [
+        (28, 4, {1, 2, 4, 28}),  # Qwen2-7B: 7 and 14 do not fit the 4 K/V heads; 8 does not divide 28
+        (12, 2, {1, 2, 4, 6, 12}),  # Qwen2-1.5B: U 4, 6, 12 replicate the 2 K/V heads
+        (14, 2, {1, 2, 14}),  # Qwen2-0.5B
+        (32, 8, {1, 2, 4, 8, 16, 32}),  # Llama-3-8B
+    ],
+)
+def test_one_head_rule_for_runtime_and_planner(q_heads, kv_heads, fitting):
+    from longvila.parallel.ulysses import check_heads
+    from longvila.plan.rules import ulysses_head_problems
+
+    for ulysses in range(1, 33):
+        # the rule, written independently: U | Nq, and Nk | U or U | Nk
+        fits = q_heads % ulysses == 0 and (kv_heads % ulysses == 0 or ulysses % kv_heads == 0)
+        assert fits == (ulysses in fitting)
+        problems = ulysses_head_problems(q_heads, kv_heads, ulysses)
+        assert (not problems) == fits
+        if fits:
+            check_heads(q_heads, kv_heads, ulysses)
+        else:
+            with pytest.raises(ValueError, match="heads"):
+                check_heads(q_heads, kv_heads, ulysses)
+    with pytest.raises(ValueError, match="not a multiple of K/V heads"):
+        check_heads(28, 3, 1)

@@ -83,6 +83,21 @@ def test_uniform_subsampling_of_a_frame_array(tiny_processor):
     assert s["num_frames"] == [3]
 
 
+def test_frames_sampled_takes_arrays_as_they_are_and_still_samples_paths(tiny_processor, tmp_path):
+    from longvila.data.synthetic import write_mp4
+
+    v = video(frames=5)
+    message = [{"role": "user", "content": "<video>"}]
+    # by default an array is resampled to the processor's frame count (8 for the tiny default, repeats)
+    assert tiny_processor(message, videos=[v])["num_frames"] == [tiny_processor.num_frames]
+    kept = tiny_processor(message, videos=[v], frames_sampled=True)
+    assert kept["num_frames"] == [5]
+    torch.testing.assert_close(kept["pixel_values"], tiny_processor.preprocess_frames(v), rtol=0, atol=0)
+    path = write_mp4(tmp_path / "clip.mp4", video(frames=12, h=32, w=32))
+    from_path = tiny_processor(message, videos=[path], num_frames=3, frames_sampled=True)
+    assert from_path["num_frames"] == [3]
+
+
 def test_collate_packs_with_restarting_positions_and_boundaries(tiny_processor):
     a = tiny_processor([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}])
     b = tiny_processor(

@@ -12,7 +12,7 @@ from _models import lively_tiny_model
 from PIL import Image
 
 from longvila.chat import load_image_array
-from longvila.eval.videoqa import write_video
+from longvila.data.synthetic import write_mp4 as write_video
 from longvila.serve.server import create_server
 
 openai = pytest.importorskip("openai")

@@ -12,7 +12,7 @@ import pytest
 from _models import lively_checkpoint
 
 from longvila.cli import main as cli_main
-from longvila.eval.videoqa import write_video
+from longvila.data.synthetic import write_mp4 as write_video
 
 openai = pytest.importorskip("openai")
 

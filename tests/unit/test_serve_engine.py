@@ -8,7 +8,7 @@ from _models import lively_tiny_model
 from _serve_helpers import start_queued
 from PIL import Image
 
-from longvila.eval.videoqa import write_video
+from longvila.data.synthetic import write_mp4 as write_video
 from longvila.serve.cache import EmbeddingCache, LRUBytes, PrefixCache, common_prefix
 from longvila.serve.engine import describe
 from longvila.serve.server import create_server

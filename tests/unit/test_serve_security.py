@@ -12,7 +12,7 @@ import pytest
 from _models import lively_tiny_model
 from _serve_helpers import start_queued, wait_idle
 
-from longvila.eval.videoqa import write_video
+from longvila.data.synthetic import write_mp4 as write_video
 from longvila.serve.engine import describe
 from longvila.serve.server import create_server
 

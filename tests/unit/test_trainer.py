@@ -167,3 +167,16 @@ def test_fit_logs_metrics_and_exports_a_loadable_model(tmp_path):
     assert (tmp_path / "stage5" / "recipe.yaml").read_text() == recipe.to_yaml()
     loaded = LongVILA.from_pretrained(result.final_dir)
     assert loaded.config.extra["stage"] == 5
+
+
+def test_padding_batch_gives_zero_loss_and_zero_gradients(tmp_path):
+    """What a rank runs for a skipped last micro-batch under DDP (so that every rank runs the same
+    backward passes): nothing is learnt from it."""
+    trainer = Trainer(load_recipe("tiny/stage5", [*SMALL, "--run.root", str(tmp_path)]))
+    trainer.setup()
+    batch = trainer._padding_batch()
+    assert int((batch["labels"] != -100).sum()) == 0
+    loss, tokens, frames = trainer._forward_backward(batch)
+    assert loss == 0.0 and tokens == trainer.sequence_multiple and frames == 0
+    grads = [p.grad for p in trainer.params if p.grad is not None]
+    assert grads and all(bool((g == 0).all()) for g in grads)

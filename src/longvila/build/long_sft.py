@@ -13,11 +13,10 @@ import numpy as np
 
 
 def _device():
-    import torch
+    """This process's device: its torchrun rank's GPU (LOCAL_RANK) when there is one, else the CPU."""
+    from longvila.devices import resolve_device
 
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    return resolve_device("auto", local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
 class LongVILACaptioner:

@@ -27,26 +27,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def resolve_device(name: str):
-    """torch.device for `--device`; a clear ValueError for a GPU that is not there."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto")
-    return device
-
-
 def resolve_dtype(name: str, device):
     """torch dtype for `--dtype`, or None to keep the checkpoint's."""
     import torch
@@ -69,6 +49,7 @@ def load_for_inference(
 
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory not found: {model_dir}")
+    from longvila.devices import resolve_device
     from longvila.model.vlm import LongVILA
     from longvila.processor import LongVILAProcessor
 
@@ -97,6 +78,8 @@ def sequence_parallel_from_args(args: argparse.Namespace, command: str):
 
     if args.ulysses < 1 or args.ring < 1:
         raise ValueError(f"--ulysses and --ring must be >= 1, got {args.ulysses} and {args.ring}")
+    from longvila.devices import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     degree = args.ulysses * args.ring
     if degree != world:
@@ -112,3 +95,23 @@ def sequence_parallel_from_args(args: argparse.Namespace, command: str):
     kind = "auto" if args.device == "auto" else resolve_device(args.device).type
     info = setup_distributed(device=kind)
     return init_sp(ulysses=args.ulysses, ring=args.ring), info.device
+
+
+def report_from_sp_rank0(command: str, errors: tuple[type[BaseException], ...], work):
+    """Run `work() -> (sp or None, result)` the way every SP-capable command does: on one of `errors`, print
+    `longvila COMMAND: error: ...` and give exit code 1; tear the process group down either way. Returns
+    (exit code, result), the result None except on the rank that reports (SP rank 0, or the only one)."""
+    import sys
+
+    from longvila.train.distributed import teardown_distributed
+
+    try:
+        sp, result = work()
+    except errors as exc:
+        print(f"longvila {command}: error: {exc}", file=sys.stderr)
+        return 1, None
+    finally:
+        teardown_distributed()
+    if sp is not None and sp.sp_rank != 0:
+        return 0, None  # every rank computed the same result; SP rank 0 reports it
+    return 0, result

@@ -17,8 +17,6 @@ from longvila.commands._model import (
     sequence_parallel_from_args,
 )
 
-HELP = "ask a model about a video or image"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("media", help="a video, or an image (by extension, or with --image)")

@@ -12,7 +12,6 @@ import argparse
 import sys
 from pathlib import Path
 
-HELP = "convert checkpoints between the longvila, official and NVILA -hf layouts"
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 TARGETS = ("longvila", "official", "hf")
 DTYPES = ("keep", "float32", "bfloat16", "float16")

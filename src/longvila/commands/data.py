@@ -14,8 +14,6 @@ import json
 import sys
 import time
 
-HELP = "build data: synthetic sets, long-video SFT, packed text"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)

@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-HELP = "run the whole pipeline on the tiny embedded default"
-
 DATA_SIZES = {
     "captions": {"num_images": 48, "num_videos": 16},
     "video_qa": {"num": 32, "num_frames": 8},

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from longvila.commands._model import (
     add_model_arguments,
     add_parallel_arguments,
     load_for_inference,
+    report_from_sp_rank0,
     sequence_parallel_from_args,
 )
-
-HELP = "evaluate: needle in a haystack, video QA"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,10 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_videoqa_command(args: argparse.Namespace) -> int:
     from longvila.eval.videoqa import format_summary, run_videoqa
-    from longvila.train.distributed import teardown_distributed
 
-    sp = None
-    try:
+    def work():
         sp, device = sequence_parallel_from_args(args, "eval videoqa")
         model, processor = load_for_inference(
             args.model, args.device, args.dtype, torch_device=device, projector_order=args.projector_order
@@ -88,13 +84,11 @@ def run_videoqa_command(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             sp=sp,
         )
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"longvila eval videoqa: error: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        teardown_distributed()
-    if sp is not None and sp.sp_rank != 0:
-        return 0  # every rank has the same summary; SP rank 0 reports it
+        return sp, summary
+
+    code, summary = report_from_sp_rank0("eval videoqa", (FileNotFoundError, ValueError, RuntimeError), work)
+    if summary is None:
+        return code
     print(format_summary(summary))
     print(f"predictions and summary in {args.out}")
     return 0
@@ -123,10 +117,8 @@ def run_niah_command(args: argparse.Namespace) -> int:
 
     from longvila.eval.niah import Needle, load_needles, run_niah
     from longvila.eval.plots import plot_niah_heatmap
-    from longvila.train.distributed import teardown_distributed
 
-    sp = None
-    try:
+    def work():
         frame_counts = parse_grid(args.frames, "--frames")
         depths = [d / 100.0 for d in parse_grid(args.depths, "--depths")]
         sp, device = sequence_parallel_from_args(args, "eval niah")
@@ -163,20 +155,19 @@ def run_niah_command(args: argparse.Namespace) -> int:
         out = Path(args.out)
         grid = run_niah(model, processor, haystack, needles, frame_counts, depths, out,
                         max_new_tokens=args.max_new_tokens, progress=args.progress, sp=sp)  # fmt: skip
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"longvila eval niah: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        teardown_distributed()
-    if sp is not None and sp.sp_rank != 0:
-        return 0  # every rank computed the same grid; SP rank 0 reports it
+        return sp, grid
+
+    code, grid = report_from_sp_rank0("eval niah", (FileNotFoundError, ValueError), work)
+    if grid is None:
+        return code
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(grid.to_dict(), indent=2) + "\n")
     png = plot_niah_heatmap(grid, out / "niah.png", title=f"V-NIAH: {args.model}")
-    for frames in frame_counts:
+    for frames in grid.frame_counts:
         print(f"{frames:>7} frames: {grid.accuracy_at(frames):.3f}  (teacher-forced "
               f"{grid.accuracy_at(frames, teacher_forced=True):.3f})")  # fmt: skip
     print(
-        f"mean {grid.mean_accuracy:.3f} over {len(depths)} depths; report {out / 'report.json'}, heat map {png}"
+        f"mean {grid.mean_accuracy:.3f} over {len(grid.depths)} depths; report {out / 'report.json'}, heat map {png}"
     )
     return 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "print versions, devices and a checkpoint's summary"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", help="a longvila or official LongVILA checkpoint directory")

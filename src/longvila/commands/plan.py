@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "choose a parallel layout for a model, frame count and cluster"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="7b", help="preset (7b, 1.5b, 0.5b, 8b) or a config.json")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from longvila.commands._model import add_model_arguments, load_for_inference
 
-HELP = "OpenAI-compatible HTTP server"
 GiB = 1 << 30
 
 

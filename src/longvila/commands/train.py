@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "train one stage from a YAML recipe"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

@@ -41,6 +41,7 @@ import numpy as np
 from longvila.data.errors import MediaDecodeError
 from longvila.data.scene import clip_frame_times, detect_scene_cuts, frames_at, plan_clips, video_duration
 from longvila.data.video import probe_video
+from longvila.files import write_json_atomic, write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -366,12 +367,6 @@ def _fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -468,7 +463,7 @@ class Builder:
                 "clips": clips,
                 "status": "captioned",
             }
-            _write_json_atomic(cache_path, entry)
+            write_json_atomic(cache_path, entry, indent=1)
         if entry.get("status") == "done" and entry.get("write_fp") == self.write_fp:
             return entry
         self.stage = "write"
@@ -478,11 +473,11 @@ class Builder:
             )
         except WriterFailure as exc:
             entry.update(status="writer_failed", write_fp=self.write_fp, attempts=exc.attempts)
-            _write_json_atomic(cache_path, entry)
+            write_json_atomic(cache_path, entry, indent=1)
             raise
         entry.update(status="done", write_fp=self.write_fp, result=result, writer_attempts=attempts)
         entry.pop("attempts", None)
-        _write_json_atomic(cache_path, entry)
+        write_json_atomic(cache_path, entry, indent=1)
         return entry
 
     # ---- manifest record -----------------------------------------------------------------------
@@ -550,15 +545,6 @@ def _shard_paths(out: Path, shard: tuple[int, int]) -> tuple[Path, Path, Path]:
     return folder / f"manifest-{tag}.jsonl", folder / f"errors-{tag}.jsonl", folder / f"report-{tag}.json"
 
 
-def _write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def build_long_sft(
     videos: str | os.PathLike | Sequence[str | os.PathLike],
     captioner: Captioner,
@@ -613,8 +599,8 @@ def build_long_sft(
         report.reused += int(was_done and entry.get("write_fp") == builder.write_fp)
         records.append(builder.record(entry, key, video_index))
     manifest_path, errors_path, done_path = _shard_paths(out, shard)
-    _write_jsonl_atomic(manifest_path, records)
-    _write_jsonl_atomic(errors_path, errors)
+    write_jsonl_atomic(manifest_path, records)
+    write_jsonl_atomic(errors_path, errors)
     done_path.write_text(json.dumps(asdict(report)) + "\n")
     report.manifest, report.errors = str(manifest_path), str(errors_path)
     if shard[1] > 1:
@@ -641,5 +627,5 @@ def merge_shards(out: str | os.PathLike, count: int) -> Path:
         order = (
             (lambda r: r["provenance"]["video_index"]) if kind == "manifest" else (lambda r: r["video_index"])
         )
-        _write_jsonl_atomic(out / f"{kind}.jsonl", sorted(rows, key=order))
+        write_jsonl_atomic(out / f"{kind}.jsonl", sorted(rows, key=order))
     return out / "manifest.jsonl"

@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from longvila.files import write_json_atomic
+
 FORMAT = "longvila-packed-text"
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
@@ -436,9 +438,7 @@ def pack_text(
         "num_tokens": stats.written_tokens,
         "stats": asdict(stats),
     }
-    tmp = out / (INDEX_FILE + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / INDEX_FILE)
+    write_json_atomic(out / INDEX_FILE, index, indent=1)
     return stats
 
 

@@ -18,14 +18,15 @@ import os
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from longvila.data.synthetic import COLOURS as SYNTHETIC_COLOURS
+from longvila.data.synthetic import write_mp4
 from longvila.eval.letters import build_prompt, extract_letter, option_letters
+from longvila.files import write_json_atomic
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -300,37 +301,13 @@ def run_videoqa(
     summary = summarize([r for qid, r in done.items() if qid in wanted], problems)
     summary.update(data=str(data), num_frames=num_frames, fps=fps)
     if writer:
-        tmp = out / f"{SUMMARY}.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        tmp.replace(out / SUMMARY)
+        write_json_atomic(out / SUMMARY, summary)
     return summary
 
 
 # ---- a synthetic file for tests and smoke runs ------------------------------------------------------
 # One-colour videos use the synthetic sets' palette (six clearly distinct colours of it).
 COLOURS = {name: SYNTHETIC_COLOURS[name] for name in ("red", "green", "blue", "yellow", "white", "black")}
-
-
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> Path:
-    """Write uint8 (T, H, W, 3) frames as an MPEG-4 Part 2 video (every PyAV wheel has the encoder)."""
-    import av
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        stream.options = {"qscale": "2"}
-        for frame in frames:
-            for packet in stream.encode(
-                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            ):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def write_synthetic_videoqa(
@@ -352,7 +329,7 @@ def write_synthetic_videoqa(
         noise = rng.integers(-12, 13, size=frames.shape)
         frames = np.clip(frames.astype(np.int16) + noise, 0, 255).astype(np.uint8)
         video = f"videos/{i:03d}.mp4"
-        write_video(out / video, frames)
+        write_mp4(out / video, frames)
         records.append(
             Question(
                 question_id=f"synthetic-{i}",

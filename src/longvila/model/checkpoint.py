@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from longvila.config import IMAGE_TOKEN, LongVILAConfig
+from longvila.files import write_dir_atomically
 from longvila.model.layouts import (
     CheckpointError,
     check_supported,
@@ -85,22 +83,6 @@ def model_state_for_saving(model) -> dict[str, torch.Tensor]:
 
 
 # ---- writing --------------------------------------------------------------------------------------
-def _atomic_dir(path: Path):
-    """A temporary sibling directory that replaces `path` only once fully written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
 def check_processor_matches(model, processor) -> None:
     """A processor saved with a model must lay out as many tokens per frame, at the same size."""
     if processor is None:
@@ -111,18 +93,6 @@ def check_processor_matches(model, processor) -> None:
             f"the processor makes {processor.tokens_per_frame} tokens per {processor.image_size} px frame but the "
             f"model {config.tokens_per_frame} per {config.image_size} px frame ({config.projector_type})"
         )
-
-
-def write_atomically(path: str | Path, write) -> None:
-    """Run `write(tmp_dir)`, then rename tmp_dir to `path`; on any failure nothing is left behind."""
-    path = Path(path)
-    tmp = _atomic_dir(path)
-    try:
-        write(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: str | int) -> None:
@@ -160,7 +130,7 @@ def save_pretrained(model, path: str | Path, *, processor=None, max_shard_size: 
         if processor is not None:
             processor.save_pretrained(tmp)
 
-    write_atomically(path, write)
+    write_dir_atomically(path, write)
 
 
 # ---- reading --------------------------------------------------------------------------------------

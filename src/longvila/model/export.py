@@ -8,10 +8,10 @@ the same model; other readers ignore those keys (docs/checkpoints.md says what t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from longvila.files import write_dir_atomically, write_json_atomic
 from longvila.model.checkpoint import (
     CONFIG_NAME,
     EXTRA_FIELDS,
@@ -19,16 +19,11 @@ from longvila.model.checkpoint import (
     model_state_for_saving,
     sync_llm_config,
     vision_keys_to_canonical,
-    write_atomically,
     write_weights,
 )
 
 VIDEO_TOKEN = "<vila/video>"
 """NVILA's video placeholder; longvila lays out video frames with `<image>`, which serves when absent."""
-
-
-def _write_json(file: Path, data: dict[str, Any]) -> None:
-    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _preprocessor_config(config) -> dict[str, Any]:
@@ -79,12 +74,14 @@ def save_official(model, path: str | Path, *, processor, max_shard_size: str | i
         processor.tokenizer.save_pretrained(str(tmp / "llm"))
         vision_dir = tmp / "vision_tower"
         vision_dir.mkdir()
-        _write_json(vision_dir / CONFIG_NAME, _vision_config_dict(model))
+        write_json_atomic(vision_dir / CONFIG_NAME, _vision_config_dict(model), sort_keys=True)
         vision_state = vision_keys_to_canonical(model.vision_tower.model.state_dict())
         write_weights(
             {k: v.detach().contiguous() for k, v in vision_state.items()}, vision_dir, max_shard_size
         )
-        _write_json(vision_dir / "preprocessor_config.json", _preprocessor_config(config))
+        write_json_atomic(
+            vision_dir / "preprocessor_config.json", _preprocessor_config(config), sort_keys=True
+        )
         projector_dir = tmp / "mm_projector"
         projector_dir.mkdir()
         projector_cfg = {
@@ -92,7 +89,7 @@ def save_official(model, path: str | Path, *, processor, max_shard_size: str | i
             "architectures": ["MultimodalProjector"],
             "mm_projector_type": config.projector_type,
         }
-        _write_json(projector_dir / CONFIG_NAME, projector_cfg)
+        write_json_atomic(projector_dir / CONFIG_NAME, projector_cfg, sort_keys=True)
         projector_state = {k: v.detach().contiguous() for k, v in model.mm_projector.state_dict().items()}
         write_weights(projector_state, projector_dir, max_shard_size)
         top = {
@@ -110,9 +107,9 @@ def save_official(model, path: str | Path, *, processor, max_shard_size: str | i
             "projector_token_order": config.projector_token_order,
             "longvila": _extras(config),
         }
-        _write_json(tmp / CONFIG_NAME, top)
+        write_json_atomic(tmp / CONFIG_NAME, top, sort_keys=True)
 
-    write_atomically(path, write)
+    write_dir_atomically(path, write)
 
 
 def save_hf(model, path: str | Path, *, processor, max_shard_size: str | int = "5GB") -> None:
@@ -136,9 +133,9 @@ def save_hf(model, path: str | Path, *, processor, max_shard_size: str | int = "
             "mm_vision_select_layer": config.vision_select_layer,
             "longvila": _extras(config),
         }
-        _write_json(tmp / CONFIG_NAME, top)
+        write_json_atomic(tmp / CONFIG_NAME, top, sort_keys=True)
         write_weights(model_state_for_saving(model), tmp, max_shard_size)
         processor.save_pretrained(tmp)
-        _write_json(tmp / "preprocessor_config.json", _preprocessor_config(config))
+        write_json_atomic(tmp / "preprocessor_config.json", _preprocessor_config(config), sort_keys=True)
 
-    write_atomically(path, write)
+    write_dir_atomically(path, write)

@@ -7,6 +7,9 @@ it would be alone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from transformers import DynamicCache
 
@@ -32,6 +35,24 @@ def _split_prompts(model, input_ids, pixel_values, cu_seqlens, sp):
     return prompts
 
 
+def check_prompt_positions(position_ids: torch.Tensor, shape: torch.Size, cu_seqlens=None) -> None:
+    """Generation numbers each prompt's tokens 0..n-1: prompts are the rows of a (B, T) batch, or the
+    samples of a packed row split at `cu_seqlens` (the last one running to T). `position_ids` (B, T) that
+    say otherwise raise ValueError rather than being silently replaced."""
+    length = shape[-1]
+    bounds = [0, length] if cu_seqlens is None else [int(b) for b in cu_seqlens]
+    if bounds[-1] < length:
+        bounds.append(length)
+    expected = torch.cat([torch.arange(end - start) for start, end in zip(bounds, bounds[1:])])
+    if tuple(position_ids.shape) != tuple(shape) or not torch.equal(
+        position_ids.detach().cpu().long(), expected.expand(shape[0], -1)
+    ):
+        raise ValueError(
+            "position_ids: generate numbers every prompt from 0 (restarting at each cu_seqlens boundary, as "
+            "processor.collate does); other positions are not supported, leave position_ids out"
+        )
+
+
 def _prefill(model, embeds, position_ids, ctx, cache, chunk_size):
     """Run the prompt through the LLM filling the KV cache; returns the last position's hidden state.
 
@@ -53,7 +74,26 @@ def _prefill(model, embeds, position_ids, ctx, cache, chunk_size):
     return hidden
 
 
+@dataclass(frozen=True)
+class _Decoding:
+    """How new tokens are chosen and when decoding stops: one value for every decoding path."""
+
+    max_new_tokens: int
+    end_ids: list[int]
+    pad_token_id: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+    streamer: Any = None
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        return _pick(logits, self.do_sample, self.temperature, self.top_k, self.top_p, self.generator)
+
+
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator):
+    """(B, V) logits -> (B,) tokens: argmax, or a sample under temperature / top-k / top-p."""
     if not do_sample:
         return logits.argmax(-1)
     if temperature <= 0:
@@ -108,23 +148,19 @@ def generate_tokens(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     end_ids = _end_ids(model, eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = end_ids[0] if end_ids else 0
-    sampling = (do_sample, temperature, top_k, top_p, generator)
+    decoding = _Decoding(
+        max_new_tokens=max_new_tokens,
+        end_ids=end_ids,
+        pad_token_id=pad_token_id if pad_token_id is not None else (end_ids[0] if end_ids else 0),
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+        streamer=streamer,
+    )
     if sp is not None and sp.sp_degree > 1:
-        return _generate_sp(
-            model,
-            input_ids,
-            pixel_values,
-            cu_seqlens,
-            sp,
-            max_new_tokens,
-            sampling,
-            end_ids,
-            pad_token_id,
-            streamer,
-            inputs_embeds,
-        )
+        return _generate_sp(model, input_ids, pixel_values, cu_seqlens, sp, decoding, inputs_embeds)
     if inputs_embeds is not None:  # prompts already embedded (e.g. V-NIAH's spliced needle), one per row
         prompts = list(inputs_embeds[None] if inputs_embeds.ndim == 2 else inputs_embeds)
     else:
@@ -144,36 +180,23 @@ def generate_tokens(
     cache = DynamicCache()
     hidden = _prefill(model, embeds, position_ids, ctx, cache, prefill_chunk_size)
     new_keys = None if ctx.key_padding is None else torch.ones(batch, 1, dtype=torch.bool, device=device)
-    return _decode_loop(
-        model,
-        hidden,
-        ctx,
-        cache,
-        lengths.clone(),
-        new_keys,
-        sampling,
-        end_ids,
-        pad_token_id,
-        streamer,
-        max_new_tokens,
-    )
+    return _decode_loop(model, hidden, ctx, cache, lengths.clone(), new_keys, decoding)
 
 
-def _decode_loop(
-    model, hidden, ctx, cache, next_pos, new_keys, sampling, end_ids, pad_token_id, streamer, steps
-):
+def _decode_loop(model, hidden, ctx, cache, next_pos, new_keys, decoding: _Decoding):
     """Pick a token from each row's last hidden state, feed it back, repeat; (B, new tokens).
 
     `new_keys` (B, 1) is appended to the context's valid-key mask at every step (None: no mask).
     """
     head = model._head()
     embedding = model.llm.get_input_embeddings()
-    end = torch.tensor(end_ids, device=next_pos.device)
+    streamer = decoding.streamer
+    end = torch.tensor(decoding.end_ids, device=next_pos.device)
     finished = torch.zeros(hidden.shape[0], dtype=torch.bool, device=next_pos.device)
     new_tokens = []
-    for _ in range(steps):
-        token = _pick(head(hidden), *sampling)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+    for _ in range(decoding.max_new_tokens):
+        token = decoding.pick(head(hidden))
+        token = torch.where(finished, torch.full_like(token, decoding.pad_token_id), token)
         new_tokens.append(token)
         if streamer is not None:
             streamer.put(token.cpu())
@@ -190,19 +213,7 @@ def _decode_loop(
     return torch.stack(new_tokens, dim=1)
 
 
-def _generate_sp(
-    model,
-    input_ids,
-    pixel_values,
-    cu_seqlens,
-    sp,
-    max_new_tokens,
-    sampling,
-    end_ids,
-    pad_token_id,
-    streamer,
-    inputs_embeds=None,
-):
+def _generate_sp(model, input_ids, pixel_values, cu_seqlens, sp, decoding: _Decoding, inputs_embeds=None):
     """One prompt, prefilled with MM-SP; every rank decodes the same tokens.
 
     The prompt is padded to the layout's multiple (the padding is masked out as keys), each rank
@@ -225,7 +236,7 @@ def _generate_sp(
         length = input_ids.shape[1]
         total = length + (-length) % sp.sequence_multiple
         if total > length:
-            pad = torch.full((1, total - length), pad_token_id, dtype=input_ids.dtype, device=device)
+            pad = torch.full((1, total - length), decoding.pad_token_id, dtype=input_ids.dtype, device=device)
             input_ids = torch.cat([input_ids, pad], dim=1)
         embeds = model.embed(input_ids, pixel_values, sp=sp)
     cache = DynamicCache()
@@ -235,9 +246,7 @@ def _generate_sp(
     ctx.key_padding = (index < length)[None]
     owns_new = torch.full((1, 1), sp.sp_rank == 0, dtype=torch.bool, device=device)
     next_pos = torch.full((1,), length, device=device)
-    return _decode_loop(
-        model, last, ctx, cache, next_pos, owns_new, sampling, end_ids, pad_token_id, streamer, max_new_tokens
-    )
+    return _decode_loop(model, last, ctx, cache, next_pos, owns_new, decoding)
 
 
 def _one_prompt(inputs_embeds, error: type[Exception]) -> torch.Tensor:

@@ -207,15 +207,18 @@ class LongVILA(nn.Module):
         sp=None,
         return_logits: bool = False,
         loss_chunk_size: int = 4096,
-        **unused: Any,
+        attention_mask: torch.Tensor | None = None,
     ) -> LongVILAOutput:
         """Packed rows -> mean loss over supervised tokens (and logits on request).
 
         input_ids, labels, position_ids: (B, T); cu_seqlens: (n + 1,) int32 boundaries of the packed
-        samples (B = 1) or None; pixel_values: (F, 3, S, S).
+        samples (B = 1) or None; pixel_values: (F, 3, S, S). `attention_mask` (B, T), as Hugging Face
+        tokenizers return it, is accepted only without padding (all ones): padding and packing are told by
+        `cu_seqlens` (`processor.collate` builds it), never by a mask.
         """
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got {tuple(input_ids.shape)}")
+        _check_no_padding_mask(attention_mask)
         if sp is not None:
             self.check_sp(sp)
         batch, length = input_ids.shape
@@ -308,7 +311,8 @@ class LongVILA(nn.Module):
         sp=None,
         prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK,
         inputs_embeds: torch.Tensor | None = None,
-        **unused: Any,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Continue every prompt of the (packed) batch; returns (num prompts, new tokens) LongTensor.
 
@@ -321,8 +325,18 @@ class LongVILA(nn.Module):
         DEFAULT_PREFILL_CHUNK (16,384 tokens), touches only longer prompts; None prefills in one
         pass. `inputs_embeds` (B, T, D) replaces `input_ids`/`pixel_values` with prompts already
         embedded (one per row, no padding).
+
+        A collated batch passes as `**batch`: its `labels` play no part in generation, and its
+        `position_ids` must be the ones generation uses, each prompt at 0..n-1 (restarting at every
+        `cu_seqlens` boundary, as `processor.collate` numbers them); other positions raise ValueError.
+        `attention_mask` is accepted only without padding, as in `forward`.
         """
-        from longvila.model.generation import generate_tokens
+        from longvila.model.generation import check_prompt_positions, generate_tokens
+
+        _check_no_padding_mask(attention_mask)
+        if position_ids is not None:
+            tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]
+            check_prompt_positions(position_ids, tokens.shape, cu_seqlens)
 
         return generate_tokens(
             self,
@@ -341,4 +355,13 @@ class LongVILA(nn.Module):
             sp=sp,
             prefill_chunk_size=prefill_chunk_size,
             inputs_embeds=inputs_embeds,
+        )
+
+
+def _check_no_padding_mask(attention_mask: torch.Tensor | None) -> None:
+    """A Hugging Face style mask is welcome only when it masks nothing (see `LongVILA.forward`)."""
+    if attention_mask is not None and not bool((attention_mask != 0).all()):
+        raise ValueError(
+            "attention_mask masks some tokens: longvila takes padding and packed samples as cu_seqlens "
+            "(processor.collate builds it), not as an attention mask"
         )

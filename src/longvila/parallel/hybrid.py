@@ -13,10 +13,13 @@ from typing import Any
 
 import torch
 
-from longvila.parallel.attention import boundaries_tuple
+from longvila.kernels.attention import boundaries_tuple
 from longvila.parallel.ring import RingPlan, ring_attention
 from longvila.parallel.ulysses import check_heads, gather_heads, replicate_kv_heads, scatter_heads
 from longvila.parallel.zigzag import check_sequence_length
+from longvila.plan.rules import sp_attention_comm_bytes
+
+__all__ = ["sp_attention", "sp_attention_comm_bytes"]
 
 
 @dataclass(frozen=True)
@@ -78,51 +81,3 @@ def sp_attention(
     k, v = replicate_kv_heads(k, ulysses), replicate_kv_heads(v, ulysses)
     q, k, v = (scatter_heads(x, sp.ulysses_group) for x in (q, k, v))
     return gather_heads(ring_attention(q, k, v, plan), sp.ulysses_group)
-
-
-def sp_attention_comm_bytes(
-    *,
-    batch: int,
-    total_len: int,
-    q_heads: int,
-    kv_heads: int,
-    head_dim: int,
-    ulysses_degree: int,
-    ring_degree: int,
-    element_bytes: int,
-    accumulation_bytes: int = 4,
-) -> dict[str, dict[str, int]]:
-    """Bytes one rank receives (= sends) in one `sp_attention` call, by pass and collective kind.
-
-    With S = T / (U R) tokens per rank, Nk' = max(Nk, U) K/V heads after replication, e the element
-    size and e_acc the dK/dV accumulation size (4; 8 for float64):
-      all_to_all, forward = backward: (2 Nq + 2 Nk') * B * S * H * e * (U - 1) / U
-          (q, k, v scattered to heads, the output gathered back; the backward moves dO, dQ, dK, dV);
-      ring_p2p, forward: (R - 1) * 2 * B * (T / R) * (Nk' / U) * H * e        (K/V, R - 1 hops)
-      ring_p2p, backward: the same again for K/V, plus R * 2 * B * (T / R) * (Nk' / U) * H * e_acc
-          (dK/dV make R hops so that they end at their owner).
-    Kinds that move nothing are left out. See docs/parallelism.md.
-    """
-    ulysses, ring = ulysses_degree, ring_degree
-    local_len = total_len // (ulysses * ring)
-    kv_heads = max(kv_heads, ulysses)
-    forward: dict[str, int] = {}
-    backward: dict[str, int] = {}
-    if ulysses > 1:
-        a2a = (
-            (2 * q_heads + 2 * kv_heads)
-            * batch
-            * local_len
-            * head_dim
-            * element_bytes
-            * (ulysses - 1)
-            // ulysses
-        )
-        forward["all_to_all"] = backward["all_to_all"] = a2a
-    if ring > 1:
-        kv_elements = 2 * batch * (total_len // ring) * (kv_heads // ulysses) * head_dim
-        forward["ring_p2p"] = (ring - 1) * kv_elements * element_bytes
-        backward["ring_p2p"] = (
-            ring - 1
-        ) * kv_elements * element_bytes + ring * kv_elements * accumulation_bytes
-    return {"forward": forward, "backward": backward}

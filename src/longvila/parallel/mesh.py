@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from longvila.parallel import mmsp
 from longvila.parallel.comm import all_gather_pieces, reduce_scatter_pieces
-from longvila.parallel.mmsp import MMSPMethods
 from longvila.parallel.zigzag import (  # noqa: F401  (re-exported: the layout's public names)
     check_sequence_length,
     ring_pair_indices,
@@ -21,7 +21,7 @@ from longvila.parallel.zigzag import (  # noqa: F401  (re-exported: the layout's
 )
 
 
-class SequenceParallel(MMSPMethods):
+class SequenceParallel:
     """Where this rank sits in the (dp, ring, ulysses) layout, with its process groups.
 
     Build it with `init_sp(ulysses, ring)` after `torch.distributed` is initialised, or
@@ -73,6 +73,35 @@ class SequenceParallel(MMSPMethods):
             f"SequenceParallel(dp={self.dp_degree}, ring={self.ring_degree}, ulysses={self.ulysses_degree}; "
             f"dp_rank={self.dp_rank}, ring_rank={self.ring_rank}, ulysses_rank={self.ulysses_rank})"
         )
+
+    # -- what the model calls: the MM-SP functions of `mmsp.py` on this layout -----------------------
+    @property
+    def sequence_multiple(self) -> int:
+        return mmsp.sequence_multiple(self)
+
+    def check_model(self, num_q_heads: int, num_kv_heads: int) -> None:
+        mmsp.check_model(self, num_q_heads, num_kv_heads)
+
+    def check_sequence(self, total_len: int) -> None:
+        mmsp.check_sequence(self, total_len)
+
+    def split_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return mmsp.split_frames(self, pixel_values)
+
+    def gather_frames(self, local_FPD: torch.Tensor, total: int) -> torch.Tensor:
+        return mmsp.gather_frames(self, local_FPD, total)
+
+    def attention(self, q, k, v, causal=True, cu_seqlens=None, scale=None) -> torch.Tensor:
+        return mmsp.attention(self, q, k, v, causal=causal, cu_seqlens=cu_seqlens, scale=scale)
+
+    def decode_attention(self, q_BNqH, k_BNkSH, v_BNkSH, key_valid_BS, scale=None) -> torch.Tensor:
+        return mmsp.decode_attention(self, q_BNqH, k_BNkSH, v_BNkSH, key_valid_BS, scale=scale)
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        return mmsp.all_reduce_sum(self, x)
+
+    def reduce_loss(self, local_sum: torch.Tensor, local_count: int) -> tuple[torch.Tensor, int]:
+        return mmsp.reduce_loss(self, local_sum, local_count)
 
     # -- layout ------------------------------------------------------------------------------
 

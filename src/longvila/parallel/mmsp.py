@@ -14,8 +14,8 @@ Generation: the prompt is prefilled with MM-SP, each rank keeps the KV cache of 
 new token's attention is the exact merge of every rank's partial (output, log-sum-exp) over its cached
 keys (`decode_attention`). New tokens' K/V are counted on SP rank 0 only.
 
-The model sees these methods through the `SequenceParallel` object; `longvila.model` never imports this
-package. Shapes: F frames, P tokens per frame, D width, B batch, N heads, H head dim.
+Plain functions of a layout `sp` (its degrees, ranks and groups): `SequenceParallel` exposes each as a
+method, which is how the model sees them (`longvila.model` never imports this package). Shapes: F frames, P tokens per frame, D width, B batch, N heads, H head dim.
 """
 
 from __future__ import annotations
@@ -67,85 +67,89 @@ def _splits(total: int, degree: int) -> list[tuple[int, int]]:
     return [frame_split(total, degree, r) for r in range(degree)]
 
 
-class MMSPMethods:
-    """Mixed into `SequenceParallel`: what `LongVILA` calls under sequence parallelism."""
+# ---- layout checks -----------------------------------------------------------------------
+def sequence_multiple(sp) -> int:
+    """Pad packed rows to a multiple of this (2 x ring x ulysses) before sharding."""
+    return 2 * sp.ring_degree * sp.ulysses_degree if sp.sp_degree > 1 else 1
 
-    # -- layout checks -----------------------------------------------------------------------
-    @property
-    def sequence_multiple(self) -> int:
-        """Pad packed rows to a multiple of this (2 x ring x ulysses) before sharding."""
-        return 2 * self.ring_degree * self.ulysses_degree if self.sp_degree > 1 else 1
 
-    def check_model(self, num_q_heads: int, num_kv_heads: int) -> None:
-        """Fail before any work when the heads do not fit the Ulysses degree."""
-        check_heads(num_q_heads, num_kv_heads, self.ulysses_degree)
+def check_model(sp, num_q_heads: int, num_kv_heads: int) -> None:
+    """Fail before any work when the heads do not fit the Ulysses degree."""
+    check_heads(num_q_heads, num_kv_heads, sp.ulysses_degree)
 
-    def check_sequence(self, total_len: int) -> None:
-        check_sequence_length(total_len, self.ring_degree, self.ulysses_degree)
 
-    # -- stage 1: frames ------------------------------------------------------------------------
-    def split_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """This SP rank's contiguous share of the frames (possibly empty)."""
-        start, end = frame_split(pixel_values.shape[0], self.sp_degree, self.sp_rank)
-        return pixel_values[start:end]
+def check_sequence(sp, total_len: int) -> None:
+    check_sequence_length(total_len, sp.ring_degree, sp.ulysses_degree)
 
-    def gather_frames(self, local_FPD: torch.Tensor, total: int) -> torch.Tensor:
-        """All ranks' frame embeddings in frame order, (F, P, D); differentiable."""
-        if self.sp_degree == 1:
-            return local_FPD
-        return _GatherFrames.apply(local_FPD, total, self)
 
-    # -- stage 2: attention ---------------------------------------------------------------------
-    def attention(self, q, k, v, causal=True, cu_seqlens=None, scale=None):
-        """(B, S, Nq, H), (B, S, Nk, H) x2 -> (B, S, Nq, H): exact attention over the full sequence."""
-        return sp_attention(q, k, v, self, causal=causal, cu_seqlens=cu_seqlens, scale=scale)
+# ---- stage 1: frames ------------------------------------------------------------------------
+def split_frames(sp, pixel_values: torch.Tensor) -> torch.Tensor:
+    """This SP rank's contiguous share of the frames (possibly empty)."""
+    start, end = frame_split(pixel_values.shape[0], sp.sp_degree, sp.sp_rank)
+    return pixel_values[start:end]
 
-    def decode_attention(self, q_BNqH, k_BNkSH, v_BNkSH, key_valid_BS, scale=None):
-        """New queries against every rank's KV cache: q (B, Nq, Sq, H) with cached k/v (B, Nk, Sk, H)
-        and this rank's valid keys (B, Sk) -> (B, Sq, Nq, H), the same on every rank.
 
-        Each rank computes its partial softmax over its own valid keys (all of them precede the new
-        queries), then the partials are merged exactly by their log-sum-exp.
-        """
-        batch, num_q, q_len, dim = q_BNqH.shape
-        num_kv = k_BNkSH.shape[1]
-        scale = dim**-0.5 if scale is None else scale
-        acc = torch.promote_types(q_BNqH.dtype, torch.float32)
-        # Query head n uses K/V head n // G: group the query heads onto their K/V head instead of
-        # repeating the cache to every query head, and multiply in the cache's dtype; only the small
-        # (G * Sq, Sk) score rows are float32.
-        q_g = q_BNqH.to(k_BNkSH.dtype).reshape(batch, num_kv, (num_q // num_kv) * q_len, dim)
-        scores = (q_g @ k_BNkSH.transpose(-1, -2)).to(acc) * scale
-        scores = scores.masked_fill(~key_valid_BS[:, None, None, :], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)  # -inf where this rank has no valid key
-        probs = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0)[..., None])
-        out = (probs.to(v_BNkSH.dtype) @ v_BNkSH).to(acc)
-        out, lse = out.reshape(batch, num_q, q_len, dim), lse.reshape(batch, num_q, q_len)
-        if self.sp_degree > 1:
-            outs = all_gather_pieces(out[None], 0, self.sp_group)  # (P, B, N, Sq, H)
-            lses = all_gather_pieces(lse[None], 0, self.sp_group)  # (P, B, N, Sq)
-            top = lses.amax(0)
-            weights = torch.exp(lses - top.masked_fill(torch.isneginf(top), 0)).nan_to_num(0.0)
-            out = (weights[..., None] * outs).sum(0) / weights.sum(0).clamp_min(1e-30)[..., None]
-        return out.transpose(1, 2).to(q_BNqH.dtype)
+def gather_frames(sp, local_FPD: torch.Tensor, total: int) -> torch.Tensor:
+    """All ranks' frame embeddings in frame order, (F, P, D); differentiable."""
+    if sp.sp_degree == 1:
+        return local_FPD
+    return _GatherFrames.apply(local_FPD, total, sp)
 
-    # -- loss and small reductions -------------------------------------------------------------
-    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the SP group (no grad)."""
-        if self.sp_degree == 1:
-            return x
-        x = x.detach().clone()
-        dist.all_reduce(x, group=self.sp_group)
-        record_comm("all_reduce", tensor_bytes(x))
+
+# ---- stage 2: attention ---------------------------------------------------------------------
+def attention(sp, q, k, v, causal=True, cu_seqlens=None, scale=None):
+    """(B, S, Nq, H), (B, S, Nk, H) x2 -> (B, S, Nq, H): exact attention over the full sequence."""
+    return sp_attention(q, k, v, sp, causal=causal, cu_seqlens=cu_seqlens, scale=scale)
+
+
+def decode_attention(sp, q_BNqH, k_BNkSH, v_BNkSH, key_valid_BS, scale=None):
+    """New queries against every rank's KV cache: q (B, Nq, Sq, H) with cached k/v (B, Nk, Sk, H)
+    and this rank's valid keys (B, Sk) -> (B, Sq, Nq, H), the same on every rank.
+
+    Each rank computes its partial softmax over its own valid keys (all of them precede the new
+    queries), then the partials are merged exactly by their log-sum-exp.
+    """
+    batch, num_q, q_len, dim = q_BNqH.shape
+    num_kv = k_BNkSH.shape[1]
+    scale = dim**-0.5 if scale is None else scale
+    acc = torch.promote_types(q_BNqH.dtype, torch.float32)
+    # Query head n uses K/V head n // G: group the query heads onto their K/V head instead of
+    # repeating the cache to every query head, and multiply in the cache's dtype; only the small
+    # (G * Sq, Sk) score rows are float32.
+    q_g = q_BNqH.to(k_BNkSH.dtype).reshape(batch, num_kv, (num_q // num_kv) * q_len, dim)
+    scores = (q_g @ k_BNkSH.transpose(-1, -2)).to(acc) * scale
+    scores = scores.masked_fill(~key_valid_BS[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where this rank has no valid key
+    probs = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0)[..., None])
+    out = (probs.to(v_BNkSH.dtype) @ v_BNkSH).to(acc)
+    out, lse = out.reshape(batch, num_q, q_len, dim), lse.reshape(batch, num_q, q_len)
+    if sp.sp_degree > 1:
+        outs = all_gather_pieces(out[None], 0, sp.sp_group)  # (P, B, N, Sq, H)
+        lses = all_gather_pieces(lse[None], 0, sp.sp_group)  # (P, B, N, Sq)
+        top = lses.amax(0)
+        weights = torch.exp(lses - top.masked_fill(torch.isneginf(top), 0)).nan_to_num(0.0)
+        out = (weights[..., None] * outs).sum(0) / weights.sum(0).clamp_min(1e-30)[..., None]
+    return out.transpose(1, 2).to(q_BNqH.dtype)
+
+
+# ---- loss and small reductions -------------------------------------------------------------
+def all_reduce_sum(sp, x: torch.Tensor) -> torch.Tensor:
+    """Sum over the SP group (no grad)."""
+    if sp.sp_degree == 1:
         return x
+    x = x.detach().clone()
+    dist.all_reduce(x, group=sp.sp_group)
+    record_comm("all_reduce", tensor_bytes(x))
+    return x
 
-    def reduce_loss(self, local_sum: torch.Tensor, local_count: int) -> tuple[torch.Tensor, int]:
-        """Local loss sum -> (global mean over the SP group's supervised tokens, global count).
 
-        The value is the same on every rank; its gradient is only the local part (local sum over the
-        global count), so summing the ranks' gradients gives exactly the single-process gradient.
-        """
-        count = int(self.all_reduce_sum(torch.tensor([float(local_count)], device=local_sum.device)).item())
-        local = local_sum / max(count, 1)
-        total = self.all_reduce_sum(local.detach().reshape(1)).reshape(())
-        return local + (total - local).detach(), count
+def reduce_loss(sp, local_sum: torch.Tensor, local_count: int) -> tuple[torch.Tensor, int]:
+    """Local loss sum -> (global mean over the SP group's supervised tokens, global count).
+
+    The value is the same on every rank; its gradient is only the local part (local sum over the
+    global count), so summing the ranks' gradients gives exactly the single-process gradient.
+    """
+    count = int(all_reduce_sum(sp, torch.tensor([float(local_count)], device=local_sum.device)).item())
+    local = local_sum / max(count, 1)
+    total = all_reduce_sum(sp, local.detach().reshape(1)).reshape(())
+    return local + (total - local).detach(), count

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longvila.parallel.attention import (
+from longvila.kernels.attention import (
     Piece,
     Run,
     accumulation_dtype,

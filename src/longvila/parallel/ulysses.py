@@ -16,20 +16,14 @@ from __future__ import annotations
 import torch
 
 from longvila.parallel.comm import all_to_all
+from longvila.plan.rules import ulysses_head_problems
 
 
 def check_heads(num_q_heads: int, num_kv_heads: int, ulysses_degree: int) -> None:
-    """Raise ValueError when the heads do not fit the Ulysses degree."""
-    if num_q_heads % num_kv_heads:
-        raise ValueError(f"query heads {num_q_heads} are not a multiple of K/V heads {num_kv_heads}")
-    if num_q_heads % ulysses_degree:
-        raise ValueError(
-            f"query heads {num_q_heads} are not divisible by the Ulysses degree {ulysses_degree}"
-        )
-    if num_kv_heads % ulysses_degree and ulysses_degree % num_kv_heads:
-        raise ValueError(
-            f"K/V heads {num_kv_heads} neither divide nor are divisible by the Ulysses degree {ulysses_degree}"
-        )
+    """Raise ValueError when the heads do not fit the Ulysses degree (the rule of `plan.rules`)."""
+    problems = ulysses_head_problems(num_q_heads, num_kv_heads, ulysses_degree)
+    if problems:
+        raise ValueError(problems[0])
 
 
 def replicate_kv_heads(x: torch.Tensor, ulysses_degree: int) -> torch.Tensor:

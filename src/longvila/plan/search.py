@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from longvila.plan.hardware import GIB, RING_P2P_EFFICIENCY, Hardware
 from longvila.plan.memory import BF16_FSDP, Layout, MemoryBreakdown, PrecisionPolicy, Workload, predict_memory
+from longvila.plan.rules import ulysses_head_problems
 from longvila.plan.shapes import ModelShape
 from longvila.plan.timing import StepTime, padded_length, predict_step_time
 
@@ -128,10 +129,7 @@ def layout_problems(shape: ModelShape, layout: Layout, hardware: Hardware) -> li
     problems = []
     if u > hardware.gpus_per_node or hardware.gpus_per_node % u:
         problems.append(f"Ulysses degree {u} does not fit in a node of {hardware.gpus_per_node} GPUs")
-    if llm.q_heads % u:
-        problems.append(f"Ulysses degree {u} does not divide the {llm.q_heads} query heads")
-    elif llm.kv_heads % u and u % llm.kv_heads:
-        problems.append(f"the {llm.kv_heads} KV heads neither divide nor are divided by Ulysses {u}")
+    problems += ulysses_head_problems(llm.q_heads, llm.kv_heads, u)
     return problems
 
 

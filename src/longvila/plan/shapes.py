@@ -1,7 +1,10 @@
-"""Model shapes for the planner: presets, or read from a LongVILA / Hugging Face `config.json`.
+"""The one registry of model shapes (Qwen2 / Llama LLMs, SigLIP towers): presets, or read from a LongVILA /
+Hugging Face `config.json`.
 
-Only sizes matter here (no weights, no torch). Parameter counts follow the Hugging Face modules the
-model runs (Qwen2 decoder layers with q/k/v biases, SigLIP encoder layers, the mlp_downsample projector).
+The planner sizes them (no weights, no torch); `LongVILAConfig.tiny`, the benchmarks and the GPU tests build
+their Hugging Face config dicts from them (`LLMShape.hf_config`, `VisionShape.hf_config`), so a released
+model's sizes are written once. Parameter counts follow the Hugging Face modules the model runs (Qwen2
+decoder layers with q/k/v biases, SigLIP encoder layers, the mlp_downsample projector).
 """
 
 from __future__ import annotations
@@ -56,6 +59,33 @@ class LLMShape:
         head = 0 if self.tie_embeddings else self.vocab * self.hidden
         return self.layers * self.layer_params + self.embedding_params + head + self.hidden
 
+    def hf_config(self, **overrides: Any) -> dict[str, Any]:
+        """This shape as a Hugging Face causal-LM config dict: Qwen2 (q/k/v biases) or Llama (none), with
+        the released models' RoPE base and norm epsilon; `overrides` replace or add keys."""
+        qwen2 = self.qkv_bias
+        config: dict[str, Any] = {
+            "model_type": "qwen2" if qwen2 else "llama",
+            "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+            "vocab_size": self.vocab,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.q_heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1e6 if qwen2 else 5e5,
+            "rms_norm_eps": 1e-6 if qwen2 else 1e-5,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "initializer_range": 0.02,
+        }
+        if qwen2:
+            config["use_sliding_window"] = False
+        else:
+            config["attention_bias"] = False
+        return {**config, **overrides}
+
 
 @dataclass(frozen=True, kw_only=True)
 class VisionShape:
@@ -87,6 +117,24 @@ class VisionShape:
         embeddings = 3 * self.patch_size**2 * self.hidden + self.hidden + self.patches * self.hidden
         return self.layers * self.layer_params + embeddings + 2 * self.hidden
 
+    def hf_config(self, **overrides: Any) -> dict[str, Any]:
+        """This shape as a Hugging Face `SiglipVisionConfig` dict (no pooling head: LongVILA reads a hidden
+        state); `overrides` replace or add keys."""
+        config: dict[str, Any] = {
+            "model_type": "siglip_vision_model",
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_channels": 3,
+            "vision_use_head": False,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+        }
+        return {**config, **overrides}
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
@@ -114,59 +162,48 @@ class ModelShape:
 SIGLIP_SO400M = VisionShape(
     hidden=1152, intermediate=4304, layers=27, layers_run=26, heads=16, image_size=384, patch_size=14
 )
+SIGLIP_TINY = VisionShape(
+    hidden=48, intermediate=96, layers=3, layers_run=2, heads=4, image_size=64, patch_size=8
+)
+"""A CPU-sized SigLIP: 64 px, patch 8 -> an 8x8 grid -> 16 tokens per frame after the 2x2 merge."""
+
+
+def _decoder(row: tuple[int, ...], *, tie: bool = False, qkv_bias: bool = True) -> LLMShape:
+    """An LLMShape from a table row (hidden, intermediate, layers, q heads, kv heads, head dim, vocab)."""
+    hidden, intermediate, layers, q_heads, kv_heads, head_dim, vocab = row
+    return LLMShape(
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=vocab,
+        tie_embeddings=tie,
+        qkv_bias=qkv_bias,
+    )
+
+
+# The released config.json sizes:  hidden  inter  layers  q  kv  head  vocab
+QWEN2_7B = _decoder((3584, 18944, 28, 28, 4, 128, 152064))  # vocab 151,936 tokens + padding
+QWEN2_1_5B = _decoder((1536, 8960, 28, 12, 2, 128, 151936), tie=True)
+QWEN2_0_5B = _decoder((896, 4864, 24, 14, 2, 64, 151936), tie=True)
+LLAMA3_8B = _decoder((4096, 14336, 32, 32, 8, 128, 128256), qkv_bias=False)
+
+TINY = ModelShape(
+    name="tiny (the embedded CPU default)",
+    llm=_decoder((64, 176, 2, 4, 2, 16, 1024), tie=True),
+    vision=SIGLIP_TINY,
+)
+"""The tiny default of `LongVILAConfig.tiny` (its vocabulary is the tiny tokenizer's) and the CPU stand-in of
+the benchmarks; not a planner preset."""
 
 PRESETS: dict[str, ModelShape] = {
-    # Qwen2-7B (LongVILA-7B); vocab as in its config.json (151,936 tokens + padding to 152,064).
-    "7b": ModelShape(
-        name="LongVILA-7B (Qwen2-7B)",
-        llm=LLMShape(
-            hidden=3584, intermediate=18944, layers=28, q_heads=28, kv_heads=4, head_dim=128, vocab=152064
-        ),
-        vision=SIGLIP_SO400M,
-    ),
-    "1.5b": ModelShape(
-        name="LongVILA-1.5B (Qwen2-1.5B)",
-        llm=LLMShape(
-            hidden=1536,
-            intermediate=8960,
-            layers=28,
-            q_heads=12,
-            kv_heads=2,
-            head_dim=128,
-            vocab=151936,
-            tie_embeddings=True,
-        ),
-        vision=SIGLIP_SO400M,
-    ),
-    "0.5b": ModelShape(
-        name="LongVILA-0.5B (Qwen2-0.5B)",
-        llm=LLMShape(
-            hidden=896,
-            intermediate=4864,
-            layers=24,
-            q_heads=14,
-            kv_heads=2,
-            head_dim=64,
-            vocab=151936,
-            tie_embeddings=True,
-        ),
-        vision=SIGLIP_SO400M,
-    ),
+    "7b": ModelShape(name="LongVILA-7B (Qwen2-7B)", llm=QWEN2_7B, vision=SIGLIP_SO400M),
+    "1.5b": ModelShape(name="LongVILA-1.5B (Qwen2-1.5B)", llm=QWEN2_1_5B, vision=SIGLIP_SO400M),
+    "0.5b": ModelShape(name="LongVILA-0.5B (Qwen2-0.5B)", llm=QWEN2_0_5B, vision=SIGLIP_SO400M),
     # Llama-3-8B, the LLM of the paper's LongVILA-8B (its system measurements).
-    "8b": ModelShape(
-        name="LongVILA-8B (Llama-3-8B)",
-        llm=LLMShape(
-            hidden=4096,
-            intermediate=14336,
-            layers=32,
-            q_heads=32,
-            kv_heads=8,
-            head_dim=128,
-            vocab=128256,
-            qkv_bias=False,
-        ),
-        vision=SIGLIP_SO400M,
-    ),
+    "8b": ModelShape(name="LongVILA-8B (Llama-3-8B)", llm=LLAMA3_8B, vision=SIGLIP_SO400M),
 }
 
 

@@ -2,7 +2,7 @@
 
 Compute: matmul FLOPs at the measured matmul rate, causal attention FLOPs at the measured flash forward
 and backward rates, the vision tower at its measured frames/s. Communication: the bytes the SP code
-moves (`attention_comm_bytes`, equal to `longvila.parallel.sp_attention_comm_bytes`) over the link each
+moves (`attention_comm_bytes`: the formula of `longvila.plan.rules`, which `sp_attention` moves) over the link each
 collective crosses; the ring overlaps its K/V (and dK/dV) transfer with the block computation, so each
 ring step costs max(compute, transfer) plus a small exposed part (latency and the LSE merge pass);
 FSDP's all-gathers and reduce-scatters overlap the whole step's compute. docs/scaling.md has the
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from longvila.plan.hardware import Hardware
 from longvila.plan.memory import BF16_FSDP, Layout, PrecisionPolicy, Workload
+from longvila.plan.rules import sp_attention_comm_bytes
 from longvila.plan.shapes import LLMShape, ModelShape
 
 
@@ -29,28 +30,19 @@ def attention_comm_bytes(
     element_bytes: int = 2,
     accumulation_bytes: int = 4,
 ) -> dict[str, dict[str, int]]:
-    """Bytes one rank receives (= sends) in one SP attention call (one layer), by pass and kind.
-
-    The same formula as `longvila.parallel.sp_attention_comm_bytes` (tests check they agree), kept
-    here so that the planner does not import torch:
-      all_to_all (U > 1), forward = backward: (2 Nq + 2 Nk') B S H e (U - 1) / U
-      ring_p2p (R > 1), forward: (R - 1) 2 B (T/R) (Nk'/U) H e;
-                        backward: the same + R 2 B (T/R) (Nk'/U) H e_acc
-    with S = T / (U R) and Nk' = max(Nk, U).
-    """
-    ulysses, ring = ulysses_degree, ring_degree
-    local_len = total_len // (ulysses * ring)
-    kv_heads = max(llm.kv_heads, ulysses)
-    forward: dict[str, int] = {}
-    backward: dict[str, int] = {}
-    if ulysses > 1:
-        a2a = (2 * llm.q_heads + 2 * kv_heads) * batch * local_len * llm.head_dim * element_bytes
-        forward["all_to_all"] = backward["all_to_all"] = a2a * (ulysses - 1) // ulysses
-    if ring > 1:
-        kv = 2 * batch * (total_len // ring) * (kv_heads // ulysses) * llm.head_dim
-        forward["ring_p2p"] = (ring - 1) * kv * element_bytes
-        backward["ring_p2p"] = (ring - 1) * kv * element_bytes + ring * kv * accumulation_bytes
-    return {"forward": forward, "backward": backward}
+    """Bytes one rank receives (= sends) in one SP attention call (one layer), by pass and kind: the
+    formula of `longvila.plan.rules.sp_attention_comm_bytes` (which `sp_attention` moves) for `llm`'s heads."""
+    return sp_attention_comm_bytes(
+        batch=batch,
+        total_len=total_len,
+        q_heads=llm.q_heads,
+        kv_heads=llm.kv_heads,
+        head_dim=llm.head_dim,
+        ulysses_degree=ulysses_degree,
+        ring_degree=ring_degree,
+        element_bytes=element_bytes,
+        accumulation_bytes=accumulation_bytes,
+    )
 
 
 def padded_length(tokens: int, layout: Layout) -> int:

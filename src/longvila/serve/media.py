@@ -370,9 +370,8 @@ def prompt_ids(layout, request: ChatRequest) -> torch.Tensor:
                 count = part["item"].num_frames
                 parts.append({"type": part["type"], part["type"]: np.zeros((count, 1, 1, 3), np.uint8)})
         placeholder.append({"role": message["role"], "content": parts})
-    longest = max([item.num_frames for item in request.media] + [1])
     try:
-        sample = layout(placeholder, num_frames=longest, max_frames=longest)
+        sample = layout(placeholder, frames_sampled=True)
     except (TypeError, ValueError) as exc:
         raise RequestError(str(exc), param="messages") from exc
     return sample["input_ids"]

@@ -36,6 +36,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from longvila.files import write_text_atomic
+
 COMPLETE = "COMPLETE"
 LATEST = "latest"
 TMP_PREFIX = ".tmp_"
@@ -145,7 +147,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(root / LATEST, name + "\n")
+        write_text_atomic(root / LATEST, name + "\n", fsync=True)
         _prune(root, keep_last)
     _barrier()
     return final
@@ -203,15 +205,6 @@ def _single_process_quiet():
             "ignore", message=r".*assuming the intent is to (save|load) in a single process"
         )
         yield
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

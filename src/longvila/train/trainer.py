@@ -29,7 +29,7 @@ from longvila.train.data import (
     build_dataset,
     build_loader,
 )
-from longvila.train.distributed import DistInfo, average_gradients, setup_distributed
+from longvila.train.distributed import DistInfo, average_gradients, setup_distributed, wrap_data_parallel
 from longvila.train.metrics import MetricsWriter, memory_gib
 from longvila.train.optim import build_optimizer, build_scheduler
 from longvila.train.recipe import Recipe
@@ -95,6 +95,8 @@ class Trainer:
         self.dp_degree = self.dist.world_size // sp_degree
         self.dp_rank = self.dist.global_rank // sp_degree
         self.run_dir = recipe.run_dir
+        self.ddp = None
+        """DistributedDataParallel around the model once `_step` first runs with several ranks (no FSDP)."""
         self.sp = None
         self.fsdp = recipe.parallel.fsdp and self.dist.world_size > 1
         if sp_degree > 1 or self.fsdp:
@@ -213,19 +215,36 @@ class Trainer:
                 yield item.batch, position
             position = ckpt.DataPosition(position.epoch + 1, 0, position.sampler_seed)
 
-    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[float, int, int]:
+    def _forward_backward(self, batch: dict[str, torch.Tensor], sync: bool = True) -> tuple[float, int, int]:
+        """One micro-batch; `sync=False` keeps DDP from reducing its gradients (all but a step's last)."""
         device = self.dist.device
         batch = {k: v.to(device) for k, v in batch.items()}
-        with _autocast(device, self.recipe.run.precision):
-            out = self.model(**batch, sp=self.sp) if self.sp is not None else self.model(**batch)
-        weight = 1.0
-        if self.fsdp:  # FSDP sums gradients over all ranks: weight this group's mean by its tokens
-            from longvila.parallel.fsdp import global_loss_weight
+        module = self.ddp if self.ddp is not None else self.model
+        # DDP skips its reduction for a forward *and* backward run under no_sync: the gradients accumulate.
+        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+        with no_sync:
+            with _autocast(device, self.recipe.run.precision):
+                out = module(**batch, sp=self.sp) if self.sp is not None else module(**batch)
+            weight = 1.0
+            if self.fsdp:  # FSDP sums gradients over all ranks: weight this group's mean by its tokens
+                from longvila.parallel.fsdp import global_loss_weight
 
-            weight = global_loss_weight(out.num_supervised, self.sp, device=out.loss.device)
-        (out.loss * weight / self.accum).backward()
+                weight = global_loss_weight(out.num_supervised, self.sp, device=out.loss.device)
+            (out.loss * weight / self.accum).backward()
         frames = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
         return float(out.loss.detach()), batch["input_ids"].numel(), frames
+
+    def _padding_batch(self) -> dict[str, torch.Tensor]:
+        """One row of padding with no target: loss 0, zero gradients, the same graph as a real row."""
+        length = self.sequence_multiple
+        size = self.model.config.image_size
+        return {
+            "input_ids": torch.full((1, length), self.processor.pad_token_id, dtype=torch.long),
+            "labels": torch.full((1, length), -100, dtype=torch.long),
+            "position_ids": torch.arange(length)[None],
+            "cu_seqlens": torch.tensor([0, length], dtype=torch.int32),
+            "pixel_values": torch.zeros(0, 3, size, size),
+        }
 
     def _global_loss(self, loss: float) -> float:
         """The logged loss of the whole global batch: the mean over data-parallel replicas of their
@@ -241,7 +260,7 @@ class Trainer:
     def _apply_gradients(self) -> float:
         """Reduce the accumulated gradients over data parallelism, clip, step AdamW, zero them; returns
         the gradient norm before clipping (the schedule is stepped by the caller)."""
-        if not self.fsdp:
+        if not self.fsdp and self.ddp is None:  # DDP and FSDP reduce inside the backward
             average_gradients(self.params, self.dp_degree)
         clip = self.recipe.train.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
@@ -253,11 +272,17 @@ class Trainer:
         start = time.perf_counter()
         losses, tokens, frames = [], 0, 0
         position = None
-        for _ in range(self.accum):
+        if self.ddp is None and not self.fsdp and self.dist.world_size > 1:
+            self.ddp = wrap_data_parallel(self.model, self.dp_degree)
+        for index in range(self.accum):
             batch, position = next(stream)
+            last = index == self.accum - 1
             if batch is None:  # every sample of this micro-batch was skipped
+                if last and self.ddp is not None:
+                    # DDP reduces in the backward of the step's last micro-batch: every rank must run one.
+                    self._forward_backward(self._padding_batch())
                 continue
-            loss, n_tokens, n_frames = self._forward_backward(batch)
+            loss, n_tokens, n_frames = self._forward_backward(batch, sync=last)
             losses.append(loss)
             tokens += n_tokens
             frames += n_frames
