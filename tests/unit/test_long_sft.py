@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from longvila.build.long_sft import HFWriter, LongVILACaptioner
 
 from longvila import LongVILA, LongVILAConfig, LongVILAProcessor
+from longvila.build.long_sft import HFWriter, LongVILACaptioner
 from longvila.data.long_sft import (
     LongSFTConfig,
     PromptSet,
@@ -342,7 +342,6 @@ def test_a_real_hf_writer_is_retried_then_reported(videos, tmp_path):
 
 def test_cli_runs_long_sft(videos, model_dir, tmp_path, monkeypatch):
     from longvila.build import long_sft
-
     from longvila.cli import main
 
     # The HF writer is covered above; here a stand-in replies validly so the command writes a manifest.
