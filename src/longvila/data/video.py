@@ -570,16 +570,16 @@ def _sequential(decoder: _Decoder, info: VideoInfo, sink: _FrameSink) -> int:
     index_of = {int(p): i for i, p in enumerate(info.pts)}
     last_target = max(sink.rows)
     index = -1
-    sent: set[int] = set()
+    sent = 0  # `index` only grows, so no wanted frame is sent twice
     convert = _Converter(sink)
     try:
         for frame in decoder.frames():
             by_pts = index_of.get(frame.pts) if frame.pts is not None else None
             index = by_pts if by_pts is not None and by_pts > index else index + 1
-            if index in sink.rows and index not in sent:
-                sent.add(index)
+            if index in sink.rows:
+                sent += 1
                 convert(index, frame)
-            if index >= last_target and len(sent) == len(sink.rows):
+            if index >= last_target and sent == len(sink.rows):
                 break
     finally:
         convert.close()

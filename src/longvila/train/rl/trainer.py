@@ -249,7 +249,7 @@ class RLTrainer(Trainer):
                 by_answer.setdefault(self.train_set[index].answer, []).append(index)
             queues = [list(reversed(v)) for v in by_answer.values()]
             pool: list[int] = []
-            while len(pool) < self.recipe.rl.sft_questions:
+            while len(pool) < self.recipe.rl.sft_questions and any(queues):  # fewer questions than asked: all
                 for queue in queues:
                     if queue and len(pool) < self.recipe.rl.sft_questions:
                         pool.append(queue.pop())
