@@ -13,10 +13,10 @@ def niah_case(rank, world_size, layouts, out_dir):
     from _models import lively_tiny_model
 
     from longvila import LongVILAProcessor
+    from longvila.data.synthetic import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame
     from longvila.eval.niah import PromptBuilder, encode_frames, insert_needle, run_niah
     from longvila.model.generation import last_position_logits
     from longvila.parallel import init_sp
-    from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame
 
     model = lively_tiny_model(7).double()
     proc = LongVILAProcessor.tiny()

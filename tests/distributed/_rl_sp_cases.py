@@ -225,7 +225,7 @@ def trainer_runs(rank: int, world: int, root: str):
     """The stage-6 trainer (cold start, GRPO steps with rollouts, held-out evaluation, a checkpoint,
     the export) on dp 2 x Ulysses 2, with FSDP2 and with replicated weights: their metrics and final
     weights."""
-    from longvila.train.distributed import DistInfo
+    from longvila.parallel.launch import DistInfo
     from longvila.train.metrics import read_metrics
     from longvila.train.recipe import load_recipe
     from longvila.train.rl.trainer import RLTrainer

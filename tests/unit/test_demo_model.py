@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+from longvila.data.synthetic import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame, noise_frames
 from longvila.data.synthetic import write_mp4 as write_video
-from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame, noise_frames
 
 CLI = [sys.executable, "-m", "longvila.cli"]
 

@@ -173,3 +173,20 @@ def test_the_check_sees_an_upward_import_a_circle_and_the_facade(tmp_path):
     ]
     del graph["longvila.config"], graph["longvila"]
     assert cycles(graph) == [["longvila.model.checkpoint", "longvila.model.vlm"]]
+
+
+EVALUATION = ("longvila.eval.", "longvila.serve.", "longvila.commands.eval", "longvila.commands.ask")
+"""Code that scores or serves a model: its needles, haystacks and questions come from `longvila.data`
+(the same floor as the model), never from the training package beside it."""
+
+
+def test_evaluation_takes_nothing_from_training():
+    graph = import_graph(SRC)
+
+    def evaluating(module: str) -> bool:
+        return any(module == p.rstrip(".") or module.startswith(p) for p in EVALUATION)
+
+    bad = sorted(
+        f"{a} → {b}" for a, ts in graph.items() if evaluating(a) for b in ts if b.startswith("longvila.train")
+    )
+    assert not bad, "evaluation importing training code:\n" + "\n".join(bad)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from _models import lively_tiny_model
 
+from longvila.data.synthetic import needle_frame, noise_frames
 from longvila.eval.niah import (
     Needle,
     PromptBuilder,
@@ -19,7 +20,7 @@ from longvila.eval.niah import (
     teacher_forced_correct,
 )
 from longvila.eval.plots import plot_niah_heatmap
-from longvila.train.data import needle_frame, needle_messages, noise_frames
+from longvila.train.data import needle_messages
 
 QUESTION = "Which colour is it?"
 

@@ -142,8 +142,14 @@ def test_decode_benchmark_smoke(tmp_path):
 
 
 def test_heldout_needles_are_seeded_and_disjoint_from_every_training_text(synth):
-    from longvila.data.synthetic import HELDOUT_CHANCE, HELDOUT_QUESTIONS, MULTI_NEEDLE_KINDS, heldout_needles
-    from longvila.train.data import NEEDLE_QUESTION, PASSKEY_QUESTION
+    from longvila.data.synthetic import (
+        HELDOUT_CHANCE,
+        HELDOUT_QUESTIONS,
+        MULTI_NEEDLE_KINDS,
+        NEEDLE_QUESTION,
+        heldout_needles,
+    )
+    from longvila.train.data import PASSKEY_QUESTION
 
     probes = heldout_needles(seed=3, per_kind=3)
     again = heldout_needles(seed=3, per_kind=3)

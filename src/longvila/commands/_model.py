@@ -90,7 +90,7 @@ def sequence_parallel_from_args(args: argparse.Namespace, command: str):
     if world == 1:
         return None, resolve_device(args.device)
     from longvila.parallel import init_sp
-    from longvila.train.distributed import setup_distributed
+    from longvila.parallel.launch import setup_distributed
 
     kind = "auto" if args.device == "auto" else resolve_device(args.device).type
     info = setup_distributed(device=kind)
@@ -103,7 +103,7 @@ def report_from_sp_rank0(command: str, errors: tuple[type[BaseException], ...], 
     (exit code, result), the result None except on the rank that reports (SP rank 0, or the only one)."""
     import sys
 
-    from longvila.train.distributed import teardown_distributed
+    from longvila.parallel.launch import teardown_distributed
 
     try:
         sp, result = work()

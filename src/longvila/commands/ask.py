@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.chat and args.ulysses * args.ring > 1:
         return _error("--chat reads standard input and cannot run under torchrun; ask one question")
-    from longvila.train.distributed import teardown_distributed
+    from longvila.parallel.launch import teardown_distributed
 
     try:
         sp, device = sequence_parallel_from_args(args, "ask")

@@ -106,8 +106,8 @@ def _train_stage(number: int, out: Path, settings: dict, seed: int, progress: bo
 def _sweep(needles, out_dir: Path, settings: dict, seed: int, progress: bool, model, processor):
     """One V-NIAH grid over the demo's frame counts and depths, on a haystack the model never saw
     (its own seed stream, separate from the training samples)."""
+    from longvila.data.synthetic import noise_frames
     from longvila.eval.niah import run_niah
-    from longvila.train.data import noise_frames
 
     haystack = noise_frames(np.random.default_rng([seed, 99]), max(settings["frame_counts"]), 64)
     return run_niah(
@@ -118,8 +118,8 @@ def _sweep(needles, out_dir: Path, settings: dict, seed: int, progress: bool, mo
 
 def _niah(out: Path, settings: dict, seed: int, progress: bool, model, processor):
     """V-NIAH with the trained needle: flat colour frames, the stage-5 question."""
+    from longvila.data.synthetic import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame
     from longvila.eval.niah import Needle
-    from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame
 
     needles = [
         Needle(needle_frame(c, 64), NEEDLE_QUESTION, c) for c in COLOUR_NAMES[: settings["num_needles"]]
@@ -173,9 +173,8 @@ HELD_OUT = {
 def niah_reports(trained, heldout: dict, out: Path, train_frames: int) -> tuple[dict, dict]:
     """`niah_trained` and `niah_heldout` of report.json, with their heat maps (`niah.png`, the
     trained needle; `niah_heldout.png`, the mean over held-out kinds)."""
-    from longvila.data.synthetic import HELDOUT_CHANCE, HELDOUT_QUESTIONS
+    from longvila.data.synthetic import COLOUR_NAMES, HELDOUT_CHANCE, HELDOUT_QUESTIONS, NEEDLE_QUESTION
     from longvila.eval.plots import plot_niah_heatmap
-    from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION
 
     chance = 1.0 / len(COLOUR_NAMES)  # ten colours: a guess is right one time in ten
     title = f"V-NIAH, TRAINED needle (flat colour, the stage-5 task; trained <= {train_frames} frames; chance {chance:.2f})"

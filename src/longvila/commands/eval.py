@@ -127,7 +127,7 @@ def run_niah_command(args: argparse.Namespace) -> int:
         )
         haystack: object = args.haystack
         if args.needles == "synthetic":
-            from longvila.train.data import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame
+            from longvila.data.synthetic import COLOUR_NAMES, NEEDLE_QUESTION, needle_frame
 
             if not 1 <= args.num_needles <= len(COLOUR_NAMES):
                 raise ValueError(f"--num-needles {args.num_needles}: between 1 and {len(COLOUR_NAMES)}")
@@ -144,7 +144,7 @@ def run_niah_command(args: argparse.Namespace) -> int:
             if args.haystack == "synthetic" and Path(default_haystack).exists():
                 haystack = default_haystack
         if haystack == "synthetic":
-            from longvila.train.data import noise_frames
+            from longvila.data.synthetic import noise_frames
 
             # The demo's held-out haystack stream, so `eval niah` on the demo's model reproduces its grid.
             haystack = noise_frames(

@@ -97,6 +97,29 @@ def noise_frame(rng: np.random.Generator, size: int, block: int = 8) -> np.ndarr
     return np.repeat(np.repeat(small, block, axis=0), block, axis=1)
 
 
+# The trained needle: a flat colour frame among block-noise frames (stage 5 and the trained V-NIAH)
+
+NEEDLE_QUESTION = (
+    "One moment of this video is a single flat colour. Which colour is it? Answer with one word."
+)
+"""The question of the trained needle (stage 5, `needle_qa`, the demo's `niah_trained`)."""
+COLOUR_NAMES = tuple(COLOURS)
+
+
+def needle_frame(colour: str, size: int) -> np.ndarray:
+    """A (size, size, 3) uint8 frame of one flat colour: the needle."""
+    return np.broadcast_to(np.array(COLOURS[colour], dtype=np.uint8), (size, size, 3)).copy()
+
+
+def noise_frames(rng: np.random.Generator, num: int, size: int, block: int = 8) -> np.ndarray:
+    """(num, size, size, 3) uint8 haystack frames of grey block noise (never one flat colour, never
+    white): `noise_frame`'s pictures, drawn for all frames at once (the data loader's hot spot)."""
+    cells = rng.integers(60, 190, (num, size // block, size // block, 1), dtype=np.uint8)
+    tint = rng.integers(-20, 21, (num, size // block, size // block, 3))
+    small = np.clip(cells.astype(np.int16) + tint, 0, 255).astype(np.uint8)
+    return small.repeat(block, axis=1).repeat(block, axis=2)
+
+
 def moving_shape_frames(
     shape: str, colour: str, background: str, direction: str, num_frames: int, size: int
 ) -> np.ndarray:
@@ -281,9 +304,7 @@ def make_needle_qa(
     out, rng = Path(out_dir), _rng(seed, "needle_qa")
     depths = list(depths) if depths is not None else [0.0, 0.25, 0.5, 0.75, 1.0]
     run = needle_run_length(num_frames, min_sample_frames)
-    question = (
-        "<video>\nOne moment of this video is a single flat colour. Which colour is it? Answer with one word."
-    )
+    question = "<video>\n" + NEEDLE_QUESTION
     records = []
     for i in range(num):
         depth, colour = depths[i % len(depths)], _pick(rng, COLOURS)

@@ -17,28 +17,16 @@ import torch
 import torch.utils.data
 
 from longvila.data.manifest import ManifestDataset, SkipCollate
-from longvila.data.synthetic import COLOURS, odd_frame_probe, passkey_text
-
-NEEDLE_QUESTION = (
-    "One moment of this video is a single flat colour. Which colour is it? Answer with one word."
+from longvila.data.synthetic import (
+    COLOUR_NAMES,
+    NEEDLE_QUESTION,
+    needle_frame,
+    noise_frames,
+    odd_frame_probe,
+    passkey_text,
 )
-"""The question of the long-video needle task (the same words as `longvila data synth`'s needle_qa)."""
-COLOUR_NAMES = tuple(COLOURS)
+
 PASSKEY_QUESTION = "There is a pass key hidden in this text. Find it.\n{text}\nWhat is the pass key?"
-
-
-def needle_frame(colour: str, size: int) -> np.ndarray:
-    """A (size, size, 3) uint8 frame of one flat colour: the needle."""
-    return np.broadcast_to(np.array(COLOURS[colour], dtype=np.uint8), (size, size, 3)).copy()
-
-
-def noise_frames(rng: np.random.Generator, num: int, size: int, block: int = 8) -> np.ndarray:
-    """(num, size, size, 3) uint8 haystack frames of grey block noise (never one flat colour, never
-    white): `noise_frame`'s pictures, drawn for all frames at once (the data loader's hot spot)."""
-    cells = rng.integers(60, 190, (num, size // block, size // block, 1), dtype=np.uint8)
-    tint = rng.integers(-20, 21, (num, size // block, size // block, 3))
-    small = np.clip(cells.astype(np.int16) + tint, 0, 255).astype(np.uint8)
-    return small.repeat(block, axis=1).repeat(block, axis=2)
 
 
 def log_uniform_length(rng: np.random.Generator, low: int, high: int) -> int:

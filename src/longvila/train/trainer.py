@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from longvila.parallel.launch import DistInfo, setup_distributed
 from longvila.train import checkpointing as ckpt
 from longvila.train.data import (
     PackCollate,
@@ -29,7 +30,7 @@ from longvila.train.data import (
     build_dataset,
     build_loader,
 )
-from longvila.train.distributed import DistInfo, average_gradients, setup_distributed, wrap_data_parallel
+from longvila.train.distributed import average_gradients, wrap_data_parallel
 from longvila.train.metrics import MetricsWriter, memory_gib
 from longvila.train.optim import build_optimizer, build_scheduler
 from longvila.train.recipe import Recipe
