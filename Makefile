@@ -9,6 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK ?= requirements/constraints.txt
 # Every extra of pyproject.toml: the tests cover all of them (tests/unit/test_lock.py checks this list).
 EXTRAS ?= dev,eval,video-backends
+# pytest-xdist workers for `make test`: one per file group (`--dist loadfile` keeps a file's module fixtures,
+# e.g. the trained demo model, in one worker). Each distributed test spawns up to 4 processes per worker.
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q $(if $(LOCK),-c $(LOCK))
 
@@ -30,10 +33,10 @@ lock:
 	$(PYTHON) scripts/lock.py --torch "$(TORCH_SPEC)" --extras "$(EXTRAS)"
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # The CUDA suite (skips without a GPU): run on a GPU machine, e.g. `make test-gpu TORCH_SPEC="" LOCK=""`.
 test-gpu: setup

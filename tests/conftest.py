@@ -7,7 +7,10 @@ import torch
 # Helpers shared by tests/unit and tests/distributed (tests/_models.py).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (`make test` runs one worker per core, `-n`) each worker takes its share of the cores,
+# so that two workers do not both run two-thread kernels on two cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +38,8 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_unconfigure(config):
     status = getattr(config, "_longvila_exit_status", None)
+    if hasattr(config, "workerinput"):  # an xdist worker: its controller ends it; the controller exits hard
+        return
     if status is not None and os.environ.get("LONGVILA_PYTEST_HARD_EXIT", "1") == "1":
         import sys
 
