@@ -263,7 +263,7 @@ def ddp_step(ulysses: int):
     model = _model()
     model.vision_tower.requires_grad_(False)  # stage 6: the vision side is frozen
     model.mm_projector.requires_grad_(False)
-    ddp = wrap_data_parallel(PolicyLoss(model), sp.dp_degree)
+    ddp = wrap_data_parallel(PolicyLoss(model), sp.dp_degree, find_unused_parameters=False)  # as RLTrainer
     calls, all_reduce = [], dist.all_reduce
 
     def counting(*args, **kwargs):

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 
-def wrap_data_parallel(model: torch.nn.Module, dp_degree: int):
+def wrap_data_parallel(model: torch.nn.Module, dp_degree: int, *, find_unused_parameters: bool = True):
     """`model` under torch's DistributedDataParallel over the whole world, its bucketed all-reduce (overlapped
     with the backward) summing the gradients of all ranks and dividing by the data-parallel degree.
 
@@ -17,8 +17,10 @@ def wrap_data_parallel(model: torch.nn.Module, dp_degree: int):
     replicas; DDP's own hook would divide by the world size. Only the wrapper's forward arms the reduction:
     the loss must come from `ddp(...)` (hence stage 6's loss module), and every rank must run the same
     number of backward passes.
-    Unused-parameter detection is on: the vision tower's layers after `vision_select_layer` (and a text-only
-    batch's whole tower without SP) take no part in the loss, yet train in some stages.
+    Unused-parameter detection is on by default: the vision tower's layers after `vision_select_layer` (and
+    a text-only batch's whole tower without SP) take no part in the loss, yet train in some stages. A loss
+    that uses every trainable parameter in every backward (stage 6's) turns it off and saves DDP a walk
+    of the autograd graph per backward.
     """
     from torch.nn.parallel import DistributedDataParallel
 
@@ -28,7 +30,7 @@ def wrap_data_parallel(model: torch.nn.Module, dp_degree: int):
         device_ids=[device.index] if device.type == "cuda" else None,
         gradient_as_bucket_view=True,
         forward_sync_buffers=False,  # the buffers (RoPE tables) are equal on every rank and never trained
-        find_unused_parameters=True,
+        find_unused_parameters=find_unused_parameters,
     )
     ddp.register_comm_hook(dp_degree, _sum_then_divide_by_dp)
     return ddp

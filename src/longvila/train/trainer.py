@@ -257,6 +257,9 @@ class Trainer:
         dist.all_reduce(total, group=self.sp.dp_group if self.sp is not None else None)
         return float(total.item()) / self.dp_degree
 
+    ddp_find_unused_parameters = True
+    """Whether DDP looks for parameters a backward did not reach (see `wrap_data_parallel`)."""
+
     def _data_parallel_module(self) -> torch.nn.Module:
         """The module DDP wraps; its forward computes the loss (stage 6 wraps its loss module instead)."""
         return self.model
@@ -265,7 +268,11 @@ class Trainer:
         """DDP around `_data_parallel_module()` the first time, with several ranks and no FSDP (FSDP
         reduces the gradients itself; one process has nothing to reduce)."""
         if self.ddp is None and not self.fsdp and self.dist.world_size > 1:
-            self.ddp = wrap_data_parallel(self._data_parallel_module(), self.dp_degree)
+            self.ddp = wrap_data_parallel(
+                self._data_parallel_module(),
+                self.dp_degree,
+                find_unused_parameters=self.ddp_find_unused_parameters,
+            )
 
     def _sync(self, sync: bool):
         """A context for one micro-batch's forward and backward: `sync=False` keeps DDP from reducing

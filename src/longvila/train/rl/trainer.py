@@ -173,6 +173,10 @@ class RLTrainer(Trainer):
             "pad_token_id": self.processor.pad_token_id,
         }
 
+    # Stage 6 trains the LLM only (train/stages.py), and every RL or cold-start loss runs all of it
+    # (embeddings, every layer, the head): DDP need not search for unused parameters.
+    ddp_find_unused_parameters = False
+
     def _data_parallel_module(self) -> torch.nn.Module:
         return self.policy_loss
 
