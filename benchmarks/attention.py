@@ -8,9 +8,11 @@ For each sequence length T (a single sample, and a packed row of `--samples` equ
                work a varlen kernel could do);
   packed       the model's one-process path for a packed row: `local_attention` with the samples'
                bounds (one fused call per sample, no mask);
-  ring         the zigzag ring of `--ring` ranks on the packed row, simulated on this device without
-               communication: every rank's mask-free pieces, LSE merges and piece backwards with the
-               merged out/LSE, i.e. exactly the compute sequence parallelism does, summed over the ranks;
+  ring         the zigzag ring of `--ring` ranks on the packed row on this device: the library's ring
+               loop (`simulate_ring_attention`: every rank's mask-free pieces, LSE merges, piece
+               backwards with the merged out/LSE and the dK/dV that travel the ring), the ranks run in
+               turn and their messages are local copies, i.e. the compute of sequence parallelism
+               summed over the ranks, without the network;
 and prints the ratios to their baselines plus the ring's largest output difference from packed_sdpa.
 
   python benchmarks/attention.py                                   # GPU, 8K-128K tokens, bf16
@@ -26,14 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from longvila.kernels.attention import (
-    accumulation_dtype,
-    attend_pieces,
-    attend_pieces_backward,
-    local_attention,
-)
-from longvila.parallel.mesh import ring_pair_indices
-from longvila.parallel.ring import RingPlan
+from longvila.kernels.attention import local_attention
+from longvila.parallel.ring import simulate_ring_attention
 
 # Shapes: B batch (1), N heads, T tokens, H head dim; kernel tensors (B, N, T, H).
 
@@ -80,43 +76,9 @@ def run_local(q, k, v, dout, bounds=None):
 
 
 def run_simulated_ring(q, k, v, dout, ring_degree: int, bounds=None):
-    """Every ring rank's pieces, merges and piece backwards, on one device, no communication."""
-    total_len = q.shape[2]
-    scale = q.shape[-1] ** -0.5
-    acc = accumulation_dtype(q.dtype)
-    full_out = torch.empty(q.shape, dtype=acc, device=q.device)
-    for ring_rank in range(ring_degree):
-        plan = RingPlan(
-            group=None,
-            ring_rank=ring_rank,
-            ring_degree=ring_degree,
-            causal=True,
-            scale=scale,
-            total_len=total_len,
-            boundaries=bounds,
-        )
-        pair = _pair_positions(plan, ring_rank, q.device)
-        q_r, dout_r = q[:, :, pair], dout[:, :, pair]
-        out = torch.zeros(q_r.shape, dtype=acc, device=q.device)
-        lse = torch.full(q_r.shape[:-1], float("-inf"), dtype=acc, device=q.device)
-        steps = []
-        for step in range(ring_degree):
-            kv_pos = _pair_positions(plan, (ring_rank - step) % ring_degree, q.device)
-            k_s, v_s = k[:, :, kv_pos], v[:, :, kv_pos]
-            steps.append((k_s, v_s, attend_pieces(q_r, k_s, v_s, plan.pieces(step), scale, out, lse)))
-        out_cast = out.to(q.dtype)
-        dq = torch.zeros(q_r.shape, dtype=acc, device=q.device)
-        for step, (k_s, v_s, aux) in enumerate(steps):
-            dk, dv = (torch.zeros(k_s.shape, dtype=acc, device=q.device) for _ in range(2))
-            attend_pieces_backward(
-                dout_r, q_r, k_s, v_s, out_cast, lse, plan.pieces(step), aux, scale, dq, dk, dv
-            )
-        full_out[:, :, pair] = out
-    return full_out
-
-
-def _pair_positions(plan: RingPlan, ring_rank: int, device) -> torch.Tensor:
-    return ring_pair_indices(plan.total_len, plan.ring_degree, ring_rank).to(device)
+    """The library's zigzag ring loop (`longvila.parallel.ring`), every rank's forward and backward on
+    this device in lockstep, K/V and dK/dV passed by in-process copies: (B, N, T, H) output."""
+    return simulate_ring_attention(q, k, v, dout, ring_degree, boundaries=bounds)[0]
 
 
 def measure(tokens: int, args, device: torch.device, dtype: torch.dtype, g: torch.Generator) -> dict:

@@ -5,10 +5,13 @@ loss, gradients and log-probabilities itself, then the same under sequence paral
 gradients are summed over the SP group (the SFT stages' convention) before the comparison. The FSDP2
 cases shard the model over all 4 ranks (data parallel 4, or 2 x Ulysses 2), give each data-parallel
 group its own rollout batch, and compare the gathered gradients and the parameters after one AdamW step
-with one process taking the mean of the groups' losses.
+with one process taking the mean of the groups' losses; the DDP cases do the same with replicated
+weights and the losses taken through DDP (the trainer's path without FSDP).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -156,6 +159,38 @@ def _worst(got: dict, want: dict) -> float:
     return max(float((got[k] - want[k]).abs().max()) / max(float(want[k].abs().max()), 1e-30) for k in want)
 
 
+def _one_process_update(single, loss: torch.Tensor) -> tuple[dict, dict]:
+    """Backward of `loss` and one AdamW step of the single-process model: (gradients, parameters after)."""
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in single.named_parameters() if p.grad is not None}
+    torch.optim.AdamW(single.parameters(), lr=1e-2, weight_decay=0.1).step()
+    return grads, {n: p.detach().clone() for n, p in single.named_parameters()}
+
+
+def _stage6_model():
+    model = _model()
+    model.vision_tower.requires_grad_(False)  # stage 6: the vision side is frozen
+    model.mm_projector.requires_grad_(False)
+    return model
+
+
+def _step_and_compare(model, gather, want_grads: dict, want_params: dict) -> dict:
+    """One AdamW step of the parallel `model` (gradients already reduced), its gradients and parameters
+    (through `gather`) against one process's, on the LLM's parameters; the frozen ones unchanged."""
+    got_grads = gather((n, p.grad) for n, p in model.named_parameters() if p.grad is not None)
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1).step()
+    got_params = gather(model.named_parameters())
+    llm = {k for k in want_grads if k.startswith("llm.")}
+    initial = dict(_model().named_parameters())
+    return {
+        "grad_names": (sorted(got_grads), sorted(llm)),
+        "grad_err": _worst({k: got_grads[k] for k in llm}, {k: want_grads[k] for k in llm}),
+        "param_err": _worst({k: got_params[k] for k in llm}, {k: want_params[k] for k in llm}),
+        "moved": max(float((want_params[k] - initial[k].detach()).abs().max()) for k in llm),
+        "frozen_same": all(torch.equal(got_params[k], p) for k, p in initial.items() if k not in llm),
+    }
+
+
 def fsdp_step(ulysses: int):
     """One GRPO update under FSDP2 over all ranks (dp = world / ulysses, SP = Ulysses `ulysses`) against
     one process on every data-parallel group's batch: loss = mean over groups of the group's loss."""
@@ -184,14 +219,9 @@ def fsdp_step(ulysses: int):
         _, pos = token_logprobs(single, packed)
         loss, _ = grpo_loss(single, packed, settings, old_logp=old[pos], ref_logp=ref[pos])
         total = total + loss / sp.dp_degree
-    total.backward()
-    want_grads = {n: p.grad.detach().clone() for n, p in single.named_parameters() if p.grad is not None}
-    torch.optim.AdamW(single.parameters(), lr=1e-2, weight_decay=0.1).step()
-    want_params = {n: p.detach().clone() for n, p in single.named_parameters()}
+    want_grads, want_params = _one_process_update(single, total)
 
-    model = _model()
-    model.vision_tower.requires_grad_(False)  # stage 6: the vision side is frozen
-    model.mm_projector.requires_grad_(False)
+    model = _stage6_model()
     fully_shard_model(model, model.llm.get_decoder().layers)
     register_rl_forward(model)
     packed, settings = batches[sp.dp_rank]
@@ -201,24 +231,64 @@ def fsdp_step(ulysses: int):
         model, packed, settings, old_logp=olds[sp.dp_rank][pos], ref_logp=refs[sp.dp_rank][pos], sp=sp
     )
     (loss / sp.dp_degree).backward()  # the trainer's scale: FSDP2 sums gradients over every rank
-    got_grads = _full_tensors((n, p.grad) for n, p in model.named_parameters() if p.grad is not None)
-    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1).step()
-    got_params = _full_tensors(model.named_parameters())
-    llm = {k for k in want_grads if k.startswith("llm.")}
-    return {
-        "grad_names": (sorted(got_grads), sorted(llm)),
-        "grad_err": _worst({k: got_grads[k] for k in llm}, {k: want_grads[k] for k in llm}),
-        "param_err": _worst({k: got_params[k] for k in llm}, {k: want_params[k] for k in llm}),
-        "moved": max(
-            float((want_params[k] - p.detach()).abs().max())
-            for k, p in _model().named_parameters()
-            if k in llm
-        ),
-        "frozen_same": all(
-            torch.equal(got_params[k], p) for k, p in _model().named_parameters() if k not in llm
-        ),
-        "local_tokens": int(pos.numel()),
-    }
+    result = _step_and_compare(model, _full_tensors, want_grads, want_params)
+    return {**result, "local_tokens": int(pos.numel())}
+
+
+def ddp_step(ulysses: int):
+    """One GRPO update with replicated weights, the losses through torch DDP around `PolicyLoss` (dp =
+    world / ulysses, SP = Ulysses `ulysses`), two micro-batches per data-parallel group (the first under
+    `no_sync`), against one process on every group's batches: loss = mean over groups of the sum of the
+    group's micro-batch losses. Also counts the all-reduce calls of the backward passes (DDP's buckets)."""
+    from longvila.parallel import init_sp
+    from longvila.train.distributed import wrap_data_parallel
+    from longvila.train.rl.grpo import PolicyLoss, grpo_loss, token_logprobs
+
+    sp = init_sp(ulysses=ulysses, ring=1)
+    single = _model()
+    batches = [
+        [_rollouts(single, sp.sequence_multiple, "sequence_mean", seed=40 + 2 * d + m) for m in range(2)]
+        for d in range(sp.dp_degree)
+    ]
+    g = torch.Generator().manual_seed(9)
+    olds = []  # old log-probs: perturbed current ones (so the ratios clip); no reference (kl_coef 0)
+    with torch.no_grad():
+        for group in batches:
+            olds.append([])
+            for packed, _ in group:
+                logp, pos = token_logprobs(single, packed)
+                old = torch.zeros(packed.input_ids.shape[1], dtype=torch.float64)
+                old[pos] = logp + 0.3 * torch.randn(logp.shape, generator=g, dtype=torch.float64)
+                olds[-1].append(old)
+    total = 0.0
+    for group, group_olds in zip(batches, olds):
+        for (packed, settings), old in zip(group, group_olds):
+            _, pos = token_logprobs(single, packed)
+            loss, _ = grpo_loss(single, packed, settings, old_logp=old[pos])
+            total = total + loss / sp.dp_degree
+    want_grads, want_params = _one_process_update(single, total)
+
+    model = _stage6_model()
+    ddp = wrap_data_parallel(PolicyLoss(model), sp.dp_degree, find_unused_parameters=False)  # as RLTrainer
+    calls, all_reduce = [], dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return all_reduce(*args, **kwargs)
+
+    for m, ((packed, settings), old) in enumerate(zip(batches[sp.dp_rank], olds[sp.dp_rank])):
+        with ddp.no_sync() if m == 0 else contextlib.nullcontext():
+            with torch.no_grad():
+                _, pos = token_logprobs(model, packed, sp)
+            loss, _ = ddp(packed, sp, settings=settings, old_logp=old[pos])
+            dist.all_reduce = counting
+            try:
+                loss.backward()
+            finally:
+                dist.all_reduce = all_reduce
+    trainable = sum(p.requires_grad for p in model.parameters())
+    result = _step_and_compare(model, _full_tensors, want_grads, want_params)
+    return {**result, "all_reduce_calls": len(calls), "trainable": trainable}
 
 
 def trainer_runs(rank: int, world: int, root: str):
@@ -264,5 +334,6 @@ def run_world4(rank: int, world: int, root: str):
         "loss_grads": loss_and_grads(rank, world),
         "cache": cache_under_sp(rank, world),
         "fsdp": {f"dp{4 // u}u{u}": fsdp_step(u) for u in (1, 2)},
+        "ddp": {f"dp{4 // u}u{u}": ddp_step(u) for u in (1, 2)},
         "trainer": trainer_runs(rank, world, root),
     }

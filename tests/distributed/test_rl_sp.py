@@ -1,6 +1,7 @@
 """Stage 6's GRPO loss under MM-SP (gloo, world 4, float64) equals one process: loss, gradients summed
 over the SP group, token log-probabilities, the SFT warm-up loss, and the split frame encoding; under
-FSDP2 (dp 4, and dp 2 x Ulysses 2) one GRPO update equals one process: gradients and parameters."""
+FSDP2 and under DDP (dp 4, and dp 2 x Ulysses 2) one GRPO update equals one process: gradients and
+parameters."""
 
 from __future__ import annotations
 
@@ -45,16 +46,31 @@ def test_embedding_cache_splits_frames_over_sp_ranks(world4):
         assert r["cache"]["state"]["encodes"] == 1 and r["cache"]["state"]["memory_hits"] == 1
 
 
+def _assert_update_equals_one_process(r: dict, rank: int) -> None:
+    got_names, llm_names = r["grad_names"]
+    assert got_names == llm_names  # gradients for exactly the LLM's parameters (vision frozen)
+    assert r["grad_err"] <= 1e-9, f"rank {rank}: gradient {r['grad_err']:.3g}"
+    assert r["moved"] > 1e-4  # the step changed the weights: the comparison is not of constants
+    assert r["param_err"] <= 1e-9, f"rank {rank}: parameters {r['param_err']:.3g}"
+    assert r["frozen_same"]
+
+
 @pytest.mark.parametrize("layout", ["dp4u1", "dp2u2"])
 def test_rl_update_under_fsdp2_equals_one_process(world4, layout):
     for rank, result in enumerate(world4):
-        r = result["fsdp"][layout]
-        got_names, llm_names = r["grad_names"]
-        assert got_names == llm_names  # gradients for exactly the LLM's parameters (vision frozen)
-        assert r["grad_err"] <= 1e-9, f"rank {rank}: gradient {r['grad_err']:.3g}"
-        assert r["moved"] > 1e-4  # the step changed the weights: the comparison is not of constants
-        assert r["param_err"] <= 1e-9, f"rank {rank}: parameters {r['param_err']:.3g}"
-        assert r["frozen_same"]
+        _assert_update_equals_one_process(result["fsdp"][layout], rank)
+
+
+@pytest.mark.parametrize("layout", ["dp4u1", "dp2u2"])
+def test_rl_update_under_ddp_equals_one_process(world4, layout):
+    """Replicated weights, the losses through DDP around `PolicyLoss`, two micro-batches per group (one
+    under no_sync): the reduced gradients and the stepped weights are one process's on the mean loss."""
+    for rank, result in enumerate(world4):
+        r = result["ddp"][layout]
+        _assert_update_equals_one_process(r, rank)
+        # DDP's bucketed reduction: the comm hook's all-reduces, one per bucket, in the synced backward
+        # only, far fewer than the trainable parameters (a per-parameter all-reduce has one each)
+        assert 1 <= r["all_reduce_calls"] <= r["trainable"] // 4, r
 
 
 def test_rl_trainer_under_fsdp2_follows_the_replicated_run(world4):

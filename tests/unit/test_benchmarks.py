@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -96,3 +98,40 @@ def test_vision_and_prefill_benchmarks(tmp_path):
     )
     variants = {c["variant"] for c in prefill["cases"]}
     assert variants == {"hf", "longvila"} and all(c["ttft_s"] > 0 for c in prefill["cases"])
+
+
+@pytest.mark.parametrize("ring_degree", [2, 3, 4])
+@pytest.mark.parametrize("bounds", [None, (0, 10, 29, 41)], ids=["one-sample", "packed+padding"])
+def test_simulated_ring_equals_masked_sdpa(ring_degree, bounds):
+    """benchmarks/attention.py's ring: the library's ring loop run for every rank on one device
+    (`simulate_ring_attention`) gives float64 SDPA's output and gradients, the mask built here: causal
+    within each packed sample (the samples cut the zigzag chunks anywhere); tokens after the last bound
+    are padding, which sees no key (output 0)."""
+    import torch
+    import torch.nn.functional as F
+
+    from longvila.parallel.ring import simulate_ring_attention
+
+    total, heads, kv_heads, dim = 48, 4, 2, 8
+    end = bounds[-1] if bounds else total
+    g = torch.Generator().manual_seed(ring_degree)
+    q, dout = (torch.randn(1, heads, total, dim, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(1, kv_heads, total, dim, generator=g, dtype=torch.float64) for _ in range(2))
+    dout[:, :, end:] = 0.0  # the padding's output takes no part in any loss
+    sample = torch.zeros(total, dtype=torch.long)
+    for start in (bounds or ())[1:]:
+        sample[start:] += 1  # each bound opens the next sample (after the last one: padding)
+    position = torch.arange(total)
+    mask = (sample[:, None] == sample[None, :]) & (position[None, :] <= position[:, None])
+    mask[end:, end:] = torch.eye(total - end, dtype=torch.bool)  # padding: itself only, so SDPA has no
+    # empty row; with no output gradient it gives no gradient either
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = F.scaled_dot_product_attention(*leaves, attn_mask=mask, enable_gqa=True)
+    want.backward(dout)
+
+    out, dq, dk, dv = simulate_ring_attention(q, k, v, dout, ring_degree, boundaries=bounds)
+    assert out.dtype == torch.float64
+    assert torch.equal(out[:, :, end:], torch.zeros_like(out[:, :, end:]))
+    pairs = [(out[:, :, :end], want.detach()[:, :, :end])] + list(zip((dq, dk, dv), (x.grad for x in leaves)))
+    for name, (a, b) in zip(("out", "dq", "dk", "dv"), pairs):
+        assert (a - b).abs().max() <= 1e-10 * b.abs().max(), name

@@ -55,11 +55,38 @@ def test_activation_count_of_a_qwen2_layer():
     assert llm_layer_activation_bytes(SEVEN_B.llm, 2, ulysses=8) == expected + 2 * 2 * 4 * 128
 
 
+def _transfers_written_out(llm, *, total, ulysses, ring, e, e_acc):
+    """The bytes one rank receives in one SP attention call (batch 1), tensor by tensor, following the
+    algorithm step by step (docs/parallelism.md, "Attention"): {pass: {collective: bytes}}."""
+    local = total // (ulysses * ring)  # tokens of each tensor on this rank before the all-to-all
+    kv_heads = llm.kv_heads if llm.kv_heads >= ulysses else ulysses  # K/V heads repeated up to U
+    transfers = {"forward": {}, "backward": {}}
+    if ulysses > 1:
+
+        def all_to_all(heads):  # this rank keeps 1/U of the tensor and receives the other U - 1 parts
+            return local * heads * llm.head_dim * e * (ulysses - 1) // ulysses
+
+        q, kv = all_to_all(llm.q_heads), all_to_all(kv_heads)
+        transfers["forward"]["all_to_all"] = q + kv + kv + q  # q, k, v to heads; the output back
+        transfers["backward"]["all_to_all"] = q + q + kv + kv  # dO to heads; dQ, dK, dV back
+    if ring > 1:
+        # after the all-to-all a rank holds its ring pair (T / R tokens) on 1/U of the K/V heads
+        k_and_v = 2 * (total // ring) * (kv_heads // ulysses) * llm.head_dim
+        hops = ring - 1  # steps 1 .. R-1 each receive the K/V of the previous ring rank
+        transfers["forward"]["ring_p2p"] = hops * k_and_v * e
+        # backward: the K/V travel again, and the dK/dV (accumulation dtype) each step, R hops, the
+        # last one taking every pair's gradient home
+        transfers["backward"]["ring_p2p"] = hops * k_and_v * e + ring * k_and_v * e_acc
+    return transfers
+
+
 @pytest.mark.parametrize("ulysses,ring", [(1, 1), (4, 1), (1, 4), (2, 2), (8, 1), (4, 16), (2, 32)])
 @pytest.mark.parametrize("dtype_bytes", [(2, 4), (8, 8)])
-def test_comm_bytes_equal_sp_code_formula(ulysses, ring, dtype_bytes):
-    from longvila.parallel import sp_attention_comm_bytes
-
+def test_comm_bytes_equal_the_transfers_written_out(ulysses, ring, dtype_bytes):
+    """plan/timing's bytes (the formula `sp_attention` follows) against the transfers derived in the test.
+    The distributed tests count real float32 runs (tests/distributed/test_plan_comm.py); this covers the
+    paper-scale layouts and bf16 inputs with float32 dK/dV, where the two element sizes differ."""
+    e, e_acc = dtype_bytes
     for llm in (SEVEN_B.llm, PRESETS["8b"].llm, PRESETS["1.5b"].llm):
         if llm.q_heads % ulysses:
             continue
@@ -70,21 +97,32 @@ def test_comm_bytes_equal_sp_code_formula(ulysses, ring, dtype_bytes):
             total_len=total,
             ulysses_degree=ulysses,
             ring_degree=ring,
-            element_bytes=dtype_bytes[0],
-            accumulation_bytes=dtype_bytes[1],
+            element_bytes=e,
+            accumulation_bytes=e_acc,
         )
-        theirs = sp_attention_comm_bytes(
-            batch=1,
-            total_len=total,
-            q_heads=llm.q_heads,
-            kv_heads=llm.kv_heads,
-            head_dim=llm.head_dim,
-            ulysses_degree=ulysses,
-            ring_degree=ring,
-            element_bytes=dtype_bytes[0],
-            accumulation_bytes=dtype_bytes[1],
-        )
-        assert ours == theirs
+        assert ours == _transfers_written_out(llm, total=total, ulysses=ulysses, ring=ring, e=e, e_acc=e_acc)
+
+
+def test_comm_bytes_worked_example():
+    """Qwen2-1.5B (12 query heads, 2 K/V heads of 128), U = 4, R = 2, T = 16,000, bf16 with float32 dK/dV,
+    by hand: S = 2,000 tokens, K/V heads repeated to 4. All-to-all of q (and of the output, dO, dQ):
+    2,000 x 12 x 128 x 2 B x 3/4 = 4,608,000 B; of k (v, dK, dV): 2,000 x 4 x 128 x 2 x 3/4 = 1,536,000 B;
+    each pass 2 x 4,608,000 + 2 x 1,536,000 = 12,288,000 B. Ring: K and V of a pair, 8,000 tokens x 1 head
+    x 128 = 2 x 1,024,000 elements; forward one hop of bf16 = 4,096,000 B; backward that again plus two
+    hops of float32 dK/dV = 4,096,000 + 2 x 8,192,000 = 20,480,000 B."""
+    got = attention_comm_bytes(
+        PRESETS["1.5b"].llm,
+        batch=1,
+        total_len=16_000,
+        ulysses_degree=4,
+        ring_degree=2,
+        element_bytes=2,
+        accumulation_bytes=4,
+    )
+    assert got == {
+        "forward": {"all_to_all": 12_288_000, "ring_p2p": 4_096_000},
+        "backward": {"all_to_all": 12_288_000, "ring_p2p": 20_480_000},
+    }
 
 
 def _step(layout, model="7b", **links):

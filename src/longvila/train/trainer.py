@@ -30,7 +30,7 @@ from longvila.train.data import (
     build_dataset,
     build_loader,
 )
-from longvila.train.distributed import average_gradients, wrap_data_parallel
+from longvila.train.distributed import wrap_data_parallel
 from longvila.train.metrics import MetricsWriter, memory_gib
 from longvila.train.optim import build_optimizer, build_scheduler
 from longvila.train.recipe import Recipe
@@ -97,7 +97,8 @@ class Trainer:
         self.dp_rank = self.dist.global_rank // sp_degree
         self.run_dir = recipe.run_dir
         self.ddp = None
-        """DistributedDataParallel around the model once `_step` first runs with several ranks (no FSDP)."""
+        """DistributedDataParallel around `_data_parallel_module()` once `_step` first runs with several
+        ranks (no FSDP): it reduces the gradients over the world in the backward."""
         self.sp = None
         self.fsdp = recipe.parallel.fsdp and self.dist.world_size > 1
         if sp_degree > 1 or self.fsdp:
@@ -221,9 +222,7 @@ class Trainer:
         device = self.dist.device
         batch = {k: v.to(device) for k, v in batch.items()}
         module = self.ddp if self.ddp is not None else self.model
-        # DDP skips its reduction for a forward *and* backward run under no_sync: the gradients accumulate.
-        no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
-        with no_sync:
+        with self._sync(sync):
             with _autocast(device, self.recipe.run.precision):
                 out = module(**batch, sp=self.sp) if self.sp is not None else module(**batch)
             weight = 1.0
@@ -258,11 +257,31 @@ class Trainer:
         dist.all_reduce(total, group=self.sp.dp_group if self.sp is not None else None)
         return float(total.item()) / self.dp_degree
 
+    ddp_find_unused_parameters = True
+    """Whether DDP looks for parameters a backward did not reach (see `wrap_data_parallel`)."""
+
+    def _data_parallel_module(self) -> torch.nn.Module:
+        """The module DDP wraps; its forward computes the loss (stage 6 wraps its loss module instead)."""
+        return self.model
+
+    def _wrap_data_parallel(self) -> None:
+        """DDP around `_data_parallel_module()` the first time, with several ranks and no FSDP (FSDP
+        reduces the gradients itself; one process has nothing to reduce)."""
+        if self.ddp is None and not self.fsdp and self.dist.world_size > 1:
+            self.ddp = wrap_data_parallel(
+                self._data_parallel_module(),
+                self.dp_degree,
+                find_unused_parameters=self.ddp_find_unused_parameters,
+            )
+
+    def _sync(self, sync: bool):
+        """A context for one micro-batch's forward and backward: `sync=False` keeps DDP from reducing
+        (DDP skips its reduction for a forward *and* backward run under no_sync: the gradients accumulate)."""
+        return self.ddp.no_sync() if self.ddp is not None and not sync else contextlib.nullcontext()
+
     def _apply_gradients(self) -> float:
-        """Reduce the accumulated gradients over data parallelism, clip, step AdamW, zero them; returns
-        the gradient norm before clipping (the schedule is stepped by the caller)."""
-        if not self.fsdp and self.ddp is None:  # DDP and FSDP reduce inside the backward
-            average_gradients(self.params, self.dp_degree)
+        """Clip the accumulated gradients (already reduced over the ranks by DDP or FSDP in the backward),
+        step AdamW, zero them; returns the gradient norm before clipping (the caller steps the schedule)."""
         clip = self.recipe.train.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
         self.optimizer.step()
@@ -273,8 +292,7 @@ class Trainer:
         start = time.perf_counter()
         losses, tokens, frames = [], 0, 0
         position = None
-        if self.ddp is None and not self.fsdp and self.dist.world_size > 1:
-            self.ddp = wrap_data_parallel(self.model, self.dp_degree)
+        self._wrap_data_parallel()
         for index in range(self.accum):
             batch, position = next(stream)
             last = index == self.accum - 1

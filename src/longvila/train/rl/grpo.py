@@ -360,3 +360,32 @@ def sft_loss(model, packed: PackedRollouts, sp=None) -> torch.Tensor:
         total = sp.all_reduce_sum(local.detach().reshape(1)).reshape(())
         local = local + (total - local).detach()
     return local
+
+
+class PolicyLoss(torch.nn.Module):
+    """Stage 6's losses as a module whose forward runs the policy, so that a data-parallel wrapper sees them.
+
+    DistributedDataParallel arms its bucketed gradient reduction in its own forward; the RL losses call
+    the policy's embedding table, decoder and head rather than `model.forward`, so the trainer wraps
+    this module (`longvila.train.distributed.wrap_data_parallel`) and takes the loss from `ddp(...)`.
+    Under FSDP2 it runs unwrapped: the policy's RL forward is then an FSDP forward method
+    (`register_rl_forward`) and FSDP reduces the gradients itself.
+    """
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(
+        self,
+        packed: PackedRollouts,
+        sp=None,
+        settings: GRPOSettings | None = None,
+        old_logp: torch.Tensor | None = None,
+        ref_logp: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LossStats | None]:
+        """`grpo_loss` of the micro-batch with `settings`; without them the cold start's `sft_loss`
+        (stats None). The loss is a scalar tensor (the SP group's total, as those functions give)."""
+        if settings is None:
+            return sft_loss(self.policy, packed, sp), None
+        return grpo_loss(self.policy, packed, settings, old_logp=old_logp, ref_logp=ref_logp, sp=sp)

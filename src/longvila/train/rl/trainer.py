@@ -13,8 +13,10 @@ Every video goes through the vision tower once: the embedding cache serves the p
 G rollouts, the reference and policy forward passes, later epochs and a resumed run. Held-out accuracy
 (greedy) is measured when RL starts and when the stage ends (`rl_eval.json`). The sampling seed of a
 question is a function of (run.seed, step, data-parallel rank, question), so a run killed and resumed
-from its DCP checkpoint replays the same rollouts and the same reward curve. Under FSDP2 the RL
-forward runs inside FSDP's hooks (`register_rl_forward`) and rollouts on an unsharded copy.
+from its DCP checkpoint replays the same rollouts and the same reward curve. With replicated weights on
+several ranks the losses come out of torch DDP wrapped around `PolicyLoss` (the SFT stages' dp-aware
+reduction, `train/distributed.py`); under FSDP2 the RL forward runs inside FSDP's hooks
+(`register_rl_forward`) and rollouts on an unsharded copy.
 """
 
 from __future__ import annotations
@@ -35,13 +37,13 @@ from longvila.train import checkpointing as ckpt
 from longvila.train.metrics import memory_gib
 from longvila.train.rl.cache import EmbeddingCache, vision_fingerprint
 from longvila.train.rl.grpo import (
+    LossStats,
     PackedRollouts,
+    PolicyLoss,
     group_advantages,
-    grpo_loss,
     pack_rollouts,
     register_rl_forward,
     sequence_weights,
-    sft_loss,
     token_logprobs,
 )
 from longvila.train.rl.rewards import extract_answer, score
@@ -101,9 +103,11 @@ class RLTrainer(Trainer):
         super().setup()
         recipe, rl = self.recipe, self.recipe.rl
         self.settings = rl.grpo_settings()
-        # FSDP2 sums gradients over every rank (divide factor 1, parallel/fsdp.py); the replicated path
-        # averages over data-parallel replicas. Scaling each rank's loss by 1/dp makes both the mean.
+        # FSDP2 sums gradients over every rank (divide factor 1, parallel/fsdp.py); DDP's hook divides the
+        # world sum by dp (train/distributed.py). Scaling each rank's loss by 1/dp makes both the mean.
         self.loss_scale = 1.0 / self.dp_degree if self.fsdp else 1.0
+        # The losses as a module: DDP wraps it (`_data_parallel_module`), so its forward arms the reduction.
+        self.policy_loss = PolicyLoss(self.model)
         rollout_model = self.model
         if self.fsdp:
             register_rl_forward(self.model)
@@ -169,6 +173,24 @@ class RLTrainer(Trainer):
             "pad_token_id": self.processor.pad_token_id,
         }
 
+    # Stage 6 trains the LLM only (train/stages.py), and every RL or cold-start loss runs all of it
+    # (embeddings, every layer, the head): DDP need not search for unused parameters.
+    ddp_find_unused_parameters = False
+
+    def _data_parallel_module(self) -> torch.nn.Module:
+        return self.policy_loss
+
+    def _backward(
+        self, packed: PackedRollouts, *, sync: bool = True, **loss_args
+    ) -> tuple[torch.Tensor, LossStats | None]:
+        """One micro-batch's loss (`PolicyLoss`'s arguments; through DDP with several replicated ranks)
+        and its backward; `sync=False` for all but an update's last micro-batch (no reduction yet)."""
+        module = self.ddp if self.ddp is not None else self.policy_loss
+        with self._sync(sync):
+            loss, stats = module(packed, self.sp, **loss_args)
+            (loss * self.loss_scale).backward()
+        return loss.detach(), stats
+
     def _micro_groups(self, n: int) -> list[range]:
         size = self.recipe.rl.micro_batch_rollouts or n
         return [range(i, min(i + size, n)) for i in range(0, n, size)]
@@ -190,6 +212,7 @@ class RLTrainer(Trainer):
 
     def _step(self, stream) -> tuple[dict[str, Any], ckpt.DataPosition]:
         start = time.perf_counter()
+        self._wrap_data_parallel()
         step = self._step_index
         self._step_index += 1
         if step < self.sft_steps:
@@ -226,14 +249,13 @@ class RLTrainer(Trainer):
             **self._pack_ids(),
             pad_to_multiple_of=self.sequence_multiple,
         )
-        loss = sft_loss(self.model, packed, self.sp)
-        (loss * self.loss_scale).backward()
+        loss, _ = self._backward(packed)
         lr = rl.sft_lr or self.scheduler.get_last_lr()[0]
         for group in self.optimizer.param_groups:  # the schedule sets it back at its next step
             group["lr"] = lr
         grad_norm = self._apply_gradients()
         self.scheduler.step()
-        return {"phase": "sft", "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm,
+        return {"phase": "sft", "loss": float(loss), "lr": lr, "grad_norm": grad_norm,
                 "tokens": packed.input_ids.numel(), "frames": sum(p.frame_embeds.shape[0] for p in prompts)}  # fmt: skip
 
     def _sft_pool(self) -> list[int]:
@@ -299,16 +321,14 @@ class RLTrainer(Trainer):
         for _ in range(rl.updates_per_batch):
             total = 0.0
             for k, packed in enumerate(micro):
-                loss, stats = grpo_loss(
-                    self.model,
+                loss, stats = self._backward(
                     packed,
-                    self.settings,
+                    sync=k == len(micro) - 1,
+                    settings=self.settings,
                     old_logp=None if olds is None else olds[k],
                     ref_logp=None if refs is None else refs[k],
-                    sp=self.sp,
                 )
-                (loss * self.loss_scale).backward()
-                total += float(loss.detach())
+                total += float(loss)
                 tokens, clipped, kl = tokens + stats.tokens, clipped + stats.clipped, kl + stats.kl
             losses.append(total)
             grad_norms.append(self._apply_gradients())
