@@ -205,7 +205,7 @@ def test_no_heldout_needle_or_question_is_in_the_demo_training_stream(seed, stag
     held-out question and no answer a held-out word."""
     from longvila.commands.demo import FULL
     from longvila.data.synthetic import HELDOUT_QUESTIONS, HELDOUT_WORDS, heldout_needles
-    from longvila.train.data import ODD_FRAME_MIX, OddFrameDataset, ResumableBatchSampler, build_dataset
+    from longvila.train.data import OddFrameDataset, ResumableBatchSampler, build_dataset
     from longvila.train.recipe import load_recipe
 
     overrides = {"data": {"num_frames": FULL["train_frames"]}} if stage == 5 else {}
@@ -235,11 +235,49 @@ def test_no_heldout_needle_or_question_is_in_the_demo_training_stream(seed, stag
         # Haystack noise is grey (40..210, never 255): frames with white pixels are the odd frames.
         odd = [frame for frame in sample.frames if (frame == 255).all(-1).mean() > 0.1]
         trained_items |= set(_drawn_items(odd, sample.kind, sample.answer))
-    assert kinds == set(ODD_FRAME_MIX)
+    assert kinds == {kind for kind, share in dataset.mix.items() if share > 0}
     assert not questions & set(HELDOUT_QUESTIONS.values())
     assert not answers & set(HELDOUT_WORDS)
-    # Every trained digit or shape is also held out, in a disjoint set of inks.
+    # Every trained digit or shape whose answer names it is also held out, in a disjoint set of inks.
     trained = {item for item, _ in trained_items} - {"?"}
-    assert trained and trained <= {item for item, _ in heldout_items}
+    assert trained <= {item for item, _ in heldout_items}
     trained_inks, heldout_inks = {ink for _, ink in trained_items}, {ink for _, ink in heldout_items}
     assert len(trained_inks) >= 3 and len(heldout_inks) >= 3 and not trained_inks & heldout_inks
+
+
+def test_odd_frame_mix_comes_from_the_recipe_and_samples_are_seeded():
+    """`data.odd_frame_mix` reaches the dataset; kinds are drawn in its proportions; a sample is made from
+    (seed, index) alone; an unknown kind or a negative share is refused by name."""
+    from longvila.data.synthetic import ODD_FRAME_QUESTIONS
+    from longvila.train.data import ODD_FRAME_KINDS, ODD_FRAME_MIX, OddFrameDataset, build_dataset
+    from longvila.train.recipe import load_recipe
+
+    # An override changes or adds shares of the recipe's mix (a share of 0 drops a kind).
+    base = dict.fromkeys(load_recipe("tiny/stage3").data.odd_frame_mix, 0.0)
+    mix = {**base, "colour": 0.2, "shape": 0.3, "digit": 0.5}
+    recipe = load_recipe("tiny/stage3", {"data": {"odd_frame_mix": mix}})
+    dataset = build_dataset(recipe.data, None, seed=4)
+    assert dataset.mix == mix
+    counts = dict.fromkeys(mix, 0)
+    for index in range(600):
+        counts[dataset.sample(index).kind] += 1
+    for kind, share in mix.items():  # binomial sd <= 0.021 at n = 600: 4 sd either side
+        assert abs(counts[kind] / 600 - share) < 0.085, counts
+    again = build_dataset(recipe.data, None, seed=4)
+    other = build_dataset(recipe.data, None, seed=5)
+    first, twin, elsewhere = dataset.sample(17), again.sample(17), other.sample(17)
+    assert first.question == twin.question and first.answer == twin.answer
+    assert np.array_equal(first.frames, twin.frames)
+    assert not np.array_equal(first.frames, elsewhere.frames)
+    # A recipe without a mix gets the default; a bad mix is refused by name.
+    default = OddFrameDataset(None, num_samples=8, min_frames=1, max_frames=4, size=64, seed=0)
+    assert default.mix == ODD_FRAME_MIX and set(ODD_FRAME_MIX) <= set(ODD_FRAME_KINDS)
+    assert set(ODD_FRAME_KINDS) == {"colour", *ODD_FRAME_QUESTIONS}  # every kind the generator draws
+    with pytest.raises(ValueError, match="unknown kind.*'sahpe'"):
+        load_recipe("tiny/stage3", {"data": {"odd_frame_mix": {"sahpe": 1.0}}})
+    with pytest.raises(ValueError, match="unknown kind.*'sahpe'"):
+        OddFrameDataset(None, num_samples=8, min_frames=1, max_frames=4, size=64, seed=0, mix={"sahpe": 1})
+    with pytest.raises(ValueError, match="shares must be >= 0"):
+        load_recipe("tiny/stage3", {"data": {"odd_frame_mix": {"colour": -1.0, "digit": 2.0}}})
+    # Another data kind ignores the mix, so `--data.kind needle` on tiny/stage5 still loads.
+    assert load_recipe("tiny/stage5", {"data": {"kind": "needle"}}).data.kind == "needle"

@@ -25,6 +25,7 @@ from longvila.data.synthetic import (
     odd_frame_probe,
     passkey_text,
 )
+from longvila.train.recipe import ODD_FRAME_KINDS
 
 PASSKEY_QUESTION = "There is a pass key hidden in this text. Find it.\n{text}\nWhat is the pass key?"
 
@@ -72,9 +73,13 @@ class NeedleDataset(torch.utils.data.Dataset):
         return self.processor(needle_messages(frames, colour), num_frames=num)
 
 
-ODD_FRAME_MIX = {"colour": 0.45, "shape": 0.25, "shape_colour": 0.3}
-"""Share of each needle kind in the `odd_frame` task: the flat colour (the trained V-NIAH needle, with
-NEEDLE_QUESTION) and the odd-frame kinds of `longvila.data.synthetic.odd_frame_probe`."""
+ODD_FRAME_MIX = {"colour": 0.55, "shape_colour": 0.45}
+"""Default share of each needle kind in the `odd_frame` task (a recipe's `data.odd_frame_mix` replaces
+it): the flat colour (the trained V-NIAH needle, with NEEDLE_QUESTION) and the colour of a shape on white.
+Which shape, digits and digit pairs are drawable (`ODD_FRAME_KINDS`) but left out by default: the tiny
+model did not learn them within the demo's budget even on training images (docs/evaluation.md), and a
+kind it cannot learn only takes steps from the others and gives wrong-type answers (a shape name to a
+colour question)."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,10 @@ class OddFrameDataset(torch.utils.data.Dataset):
         self.min_frames, self.max_frames = min_frames, max_frames
         self.size = size
         self.seed = seed
-        mix = dict(mix or ODD_FRAME_MIX)
+        self.mix = mix = dict(mix or ODD_FRAME_MIX)
+        unknown = sorted(set(mix) - set(ODD_FRAME_KINDS))
+        if unknown:
+            raise ValueError(f"odd-frame mix: unknown kind(s) {unknown}; choose from {ODD_FRAME_KINDS}")
         self.kinds = tuple(mix)
         weights = np.array([mix[k] for k in self.kinds], dtype=np.float64)
         if (weights < 0).any() or weights.sum() <= 0:
@@ -184,6 +192,7 @@ def build_dataset(data, processor, seed: int) -> torch.utils.data.Dataset:
             max_frames=data.num_frames,
             size=data.frame_size,
             seed=seed,
+            **({"mix": data.odd_frame_mix} if data.kind == "odd_frame" and data.odd_frame_mix else {}),
         )
     if data.kind == "passkey":
         return PasskeyDataset(processor, num_samples=data.num_samples, words=data.text_words, seed=seed)

@@ -27,6 +27,9 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 """Packaged recipes (`recipes/` at the repository root links here)."""
 
 DATA_KINDS = ("manifest", "needle", "odd_frame", "passkey", "packed_text", "rl_task")
+ODD_FRAME_KINDS = ("colour", "digit", "shape", "shape_colour", "two_digits", "digit_sum")
+"""Needle kinds of `data.kind: odd_frame` (`data.odd_frame_mix` keys): the flat colour (the trained V-NIAH
+needle) and the kinds of `longvila.data.synthetic.odd_frame_probe`."""
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -114,6 +117,10 @@ class DataSection:
     """Samples per epoch of the synthetic kinds (each made from (seed, index), so any order replays)."""
     frame_size: int = 64
     """Side of synthetic frames in pixels."""
+    odd_frame_mix: dict[str, float] = field(default_factory=dict)
+    """Share of each needle kind in `kind: odd_frame` (keys from `ODD_FRAME_KINDS`; shares are
+    normalised; other data kinds ignore it); empty: `longvila.train.data.ODD_FRAME_MIX`. An override
+    merges into the recipe's mix: `--data.odd_frame_mix.digit 0.2` adds digits, a share of 0 drops a kind."""
     batch_size: int = 1
     """Samples packed into one micro-batch row on each data-parallel rank."""
     num_workers: int = 0
@@ -142,6 +149,14 @@ class DataSection:
             raise ValueError(f"data.min_frames {self.min_frames} exceeds data.num_frames {self.num_frames}")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"data.fps must be > 0, got {self.fps}")
+        unknown = sorted(set(self.odd_frame_mix) - set(ODD_FRAME_KINDS))
+        if unknown:
+            raise ValueError(f"data.odd_frame_mix: unknown kind(s) {unknown}; choose from {ODD_FRAME_KINDS}")
+        shares = [float(v) for v in self.odd_frame_mix.values()]
+        if shares and (min(shares) < 0 or sum(shares) <= 0):
+            raise ValueError(
+                f"data.odd_frame_mix: shares must be >= 0 with a positive sum, got {self.odd_frame_mix}"
+            )
 
 
 @dataclass(kw_only=True)

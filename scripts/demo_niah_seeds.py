@@ -1,0 +1,61 @@
+"""The demo's V-NIAH (trained needle and held-out needles) over several seeds, without stage 6.
+
+    PYTHONPATH=src python scripts/demo_niah_seeds.py --out runs/niah_seeds --seeds 0,1,2
+
+For each seed S this runs what `longvila demo --seed S --out OUT/seedS` runs up to and including the
+two V-NIAH sweeps (data, stages 1..5, `niah_trained`, `niah_heldout`; a stage already exported there is
+reused, so a demo's folder can be pointed at), writes OUT/seedS/niah_report.json and prints one
+markdown row per seed: the trained needle by frame count and each held-out kind beside its chance level
+(the table in docs/evaluation.md). `--heldout-per-kind N` asks more held-out probes than the demo does
+(a tighter estimate; the demo itself is unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/niah_seeds", help="one folder per seed is made in here")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--heldout-per-kind", type=int, default=None, help="held-out probes per kind")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+
+    import torch
+
+    from longvila.commands.demo import FULL, niah_reports, train_and_probe
+    from longvila.data.synthetic import HELDOUT_CHANCE
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = dict(FULL)
+    if args.heldout_per_kind:
+        settings["heldout_per_kind"] = args.heldout_per_kind
+    frames = [f for f in settings["frame_counts"] if f >= settings["train_frames"]]
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        out = Path(args.out) / f"seed{seed}"
+        probed = train_and_probe(out, settings, seed, progress=False)
+        trained, heldout = niah_reports(probed["trained"], probed["heldout"], out, settings["train_frames"])
+        report = {
+            "seed": seed,
+            "niah_trained": trained,
+            "niah_heldout": heldout,
+            "timings": probed["timings"],
+        }
+        (out / "niah_report.json").write_text(json.dumps(report, indent=1) + "\n")
+        by_frames = " / ".join(f"{trained['accuracy_by_frames'][str(f)]:.2f}" for f in frames)
+        kinds = " | ".join(f"{heldout['kinds'][k]['mean_accuracy']:.2f}" for k in HELDOUT_CHANCE)
+        rows.append(f"| {seed} | {by_frames} | {kinds} |")
+    print(f"\n| seed | trained {' / '.join(map(str, frames))} frames | {' | '.join(HELDOUT_CHANCE)} |")
+    print("|---" * (2 + len(HELDOUT_CHANCE)) + "|")
+    print("\n".join(rows))
+    print(f"| chance | 0.10 | {' | '.join(f'{c:.2f}' for c in HELDOUT_CHANCE.values())} |")
+
+
+if __name__ == "__main__":
+    main()
