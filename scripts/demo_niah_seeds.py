@@ -22,17 +22,25 @@ def main() -> None:
     parser.add_argument("--out", default="runs/niah_seeds", help="one folder per seed is made in here")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--heldout-per-kind", type=int, default=None, help="held-out probes per kind")
+    parser.add_argument(
+        "--colour-only",
+        action="store_true",
+        help="the colour-only curriculum (commands/demo.py COLOUR_ONLY; stage 3: 500 steps, 5: 800)",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
 
     import torch
 
-    from longvila.commands.demo import FULL, niah_reports, train_and_probe
+    from longvila.commands.demo import COLOUR_ONLY, FULL, niah_reports, train_and_probe
     from longvila.data.synthetic import HELDOUT_CHANCE
 
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = dict(FULL)
+    if args.colour_only:
+        settings["steps"] = {**settings["steps"], 3: 500, 5: 800}
+        settings["recipe_overrides"] = COLOUR_ONLY
     if args.heldout_per_kind:
         settings["heldout_per_kind"] = args.heldout_per_kind
     frames = [f for f in settings["frame_counts"] if f >= settings["train_frames"]]

@@ -238,9 +238,9 @@ def test_no_heldout_needle_or_question_is_in_the_demo_training_stream(seed, stag
     assert kinds == {kind for kind, share in dataset.mix.items() if share > 0}
     assert not questions & set(HELDOUT_QUESTIONS.values())
     assert not answers & set(HELDOUT_WORDS)
-    # Every trained digit or shape whose answer names it is also held out, in a disjoint set of inks.
+    # Every trained digit or shape is also held out, in a disjoint set of inks.
     trained = {item for item, _ in trained_items} - {"?"}
-    assert trained <= {item for item, _ in heldout_items}
+    assert trained and trained <= {item for item, _ in heldout_items}
     trained_inks, heldout_inks = {ink for _, ink in trained_items}, {ink for _, ink in heldout_items}
     assert len(trained_inks) >= 3 and len(heldout_inks) >= 3 and not trained_inks & heldout_inks
 
