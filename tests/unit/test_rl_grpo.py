@@ -183,8 +183,8 @@ def test_micro_batches_add_up_to_the_whole_batch():
         return pack_rollouts([prompts[i // 3] for i in sel], [replies[i] for i in sel], [embeds[i // 3] for i in sel],
                              [adv[i] for i in sel], [weights[i] for i in sel], image_token_id=IMAGE, pad_token_id=0)  # fmt: skip
 
-    whole = grpo_loss(model, packed(idx), s)[0]
-    parts = grpo_loss(model, packed(idx[:2]), s)[0] + grpo_loss(model, packed(idx[2:]), s)[0]
+    whole = grpo_loss(model, packed(idx), s)[0].detach()
+    parts = (grpo_loss(model, packed(idx[:2]), s)[0] + grpo_loss(model, packed(idx[2:]), s)[0]).detach()
     assert abs(float(whole) - float(parts)) <= 1e-13
     # ratio 1 (no old log-probs): the value is -sum w A, the gradient the policy gradient
     expected = -sum(w * a * len(r) for w, a, r in zip(weights, adv, replies))
