@@ -249,8 +249,8 @@ def test_odd_frame_mix_comes_from_the_recipe_and_samples_are_seeded():
     """`data.odd_frame_mix` reaches the dataset; kinds are drawn in its proportions; a sample is made from
     (seed, index) alone; an unknown kind or a negative share is refused by name."""
     from longvila.data.synthetic import ODD_FRAME_QUESTIONS
-    from longvila.train.data import ODD_FRAME_KINDS, ODD_FRAME_MIX, OddFrameDataset, build_dataset
-    from longvila.train.recipe import load_recipe
+    from longvila.train.data import ODD_FRAME_MIX, OddFrameDataset, build_dataset
+    from longvila.train.recipe import ODD_FRAME_KINDS, load_recipe
 
     # An override changes or adds shares of the recipe's mix (a share of 0 drops a kind).
     base = dict.fromkeys(load_recipe("tiny/stage3").data.odd_frame_mix, 0.0)

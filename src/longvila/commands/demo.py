@@ -2,9 +2,9 @@
 
 1. synthetic data (`longvila.data.synthetic`): captions, short-video QA, passkey text;
 2. the five tiny stages (`recipes/tiny/stage{1..5}.yaml`), each starting from the previous one's export:
-   projector alignment, pre-training, short SFT ("what does the odd frame show": a flat colour's name, or
-   the colour of a shape on white, in 1..4-frame clips), text-only context extension (LoRA, RoPE base
-   10^4 -> 10^6, merged), long SFT on the same odd-frame task in haystacks of 1..32 frames, log-uniform;
+   projector alignment, pre-training, short SFT ("what does the odd frame show": flat colours and shapes
+   in 1..4-frame clips), text-only context extension (LoRA, RoPE base 10^4 -> 10^6, merged), long SFT on
+   the same odd-frame task in haystacks of 1..32 frames, log-uniform;
 3. V-NIAH on the exported stage-5 model over frame counts up to 4x the training length and depths
    0..100 %, twice: with the **trained** needle (a flat colour frame and the stage-5 question: the
    training task at new lengths, `niah_trained`, `niah.png`) and with **held-out** needles the model never
@@ -173,9 +173,9 @@ HELD_OUT = {
     "(number, shape, colour, order, sum)",
     "haystack": "grey noise frames from their own seed stream, never a training sample",
     "trained_skill": "stages 3 and 5 train 'say what the odd frame shows' on flat colours (all ten colour "
-    "names) and on the colour of a shape drawn in a training ink at a random size and place "
-    "(data.odd_frame_mix of recipes tiny/stage3 and tiny/stage5); which shape, digits, words and digit "
-    "pairs are not trained (the tiny model did not learn shapes or digits within the demo's budget)",
+    "names) and on shapes (which shape, which colour) in the training inks, at random sizes and places "
+    "(longvila.train.data.ODD_FRAME_MIX unless a recipe sets data.odd_frame_mix); digits, words and digit "
+    "pairs are not trained",
 }
 """What `niah_heldout` holds out relative to training (report.json, docs/evaluation.md)."""
 

@@ -90,11 +90,9 @@ def draw_digit(frame: np.ndarray, digit: int, colour: tuple[int, int, int]) -> n
 
 
 def noise_frame(rng: np.random.Generator, size: int, block: int = 8) -> np.ndarray:
-    """Greyish block noise: busy, but never one flat colour, so it cannot pass for a needle."""
-    cells = rng.integers(60, 190, (size // block, size // block, 1), dtype=np.uint8)
-    tint = rng.integers(-20, 21, (size // block, size // block, 3))
-    small = np.clip(cells.astype(np.int16) + tint, 0, 255).astype(np.uint8)
-    return np.repeat(np.repeat(small, block, axis=0), block, axis=1)
+    """Greyish block noise: busy, but never one flat colour, so it cannot pass for a needle. One frame of
+    `noise_frames` (the same draws from `rng`)."""
+    return noise_frames(rng, 1, size, block)[0]
 
 
 # The trained needle: a flat colour frame among block-noise frames (stage 5 and the trained V-NIAH)
@@ -113,7 +111,7 @@ def needle_frame(colour: str, size: int) -> np.ndarray:
 
 def noise_frames(rng: np.random.Generator, num: int, size: int, block: int = 8) -> np.ndarray:
     """(num, size, size, 3) uint8 haystack frames of grey block noise (never one flat colour, never
-    white): `noise_frame`'s pictures, drawn for all frames at once (the data loader's hot spot)."""
+    white), drawn for all frames at once (the data loader's hot spot)."""
     cells = rng.integers(60, 190, (num, size // block, size // block, 1), dtype=np.uint8)
     tint = rng.integers(-20, 21, (num, size // block, size // block, 3))
     small = np.clip(cells.astype(np.int16) + tint, 0, 255).astype(np.uint8)

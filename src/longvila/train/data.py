@@ -25,7 +25,7 @@ from longvila.data.synthetic import (
     odd_frame_probe,
     passkey_text,
 )
-from longvila.train.recipe import ODD_FRAME_KINDS
+from longvila.train.recipe import check_odd_frame_mix
 
 PASSKEY_QUESTION = "There is a pass key hidden in this text. Find it.\n{text}\nWhat is the pass key?"
 
@@ -118,13 +118,9 @@ class OddFrameDataset(torch.utils.data.Dataset):
         self.size = size
         self.seed = seed
         self.mix = mix = dict(mix or ODD_FRAME_MIX)
-        unknown = sorted(set(mix) - set(ODD_FRAME_KINDS))
-        if unknown:
-            raise ValueError(f"odd-frame mix: unknown kind(s) {unknown}; choose from {ODD_FRAME_KINDS}")
+        check_odd_frame_mix(mix, "odd-frame mix")
         self.kinds = tuple(mix)
         weights = np.array([mix[k] for k in self.kinds], dtype=np.float64)
-        if (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"odd-frame mix weights must be >= 0 with a positive sum, got {mix}")
         self.cumulative = np.cumsum(weights / weights.sum())
 
     def __len__(self) -> int:
@@ -183,15 +179,15 @@ class PasskeyDataset(torch.utils.data.Dataset):
 def build_dataset(data, processor, seed: int) -> torch.utils.data.Dataset:
     """The dataset a recipe's `data` section describes."""
     if data.kind in ("needle", "odd_frame"):
-        dataset = NeedleDataset if data.kind == "needle" else OddFrameDataset
-        return dataset(
-            processor,
-            num_samples=data.num_samples,
-            min_frames=data.min_frames,
-            max_frames=data.num_frames,
-            size=data.frame_size,
-            seed=seed,
-            **({"mix": data.odd_frame_mix} if data.kind == "odd_frame" and data.odd_frame_mix else {}),
+        shape = {
+            "num_samples": data.num_samples,
+            "min_frames": data.min_frames,
+            "max_frames": data.num_frames,
+        }
+        if data.kind == "needle":
+            return NeedleDataset(processor, **shape, size=data.frame_size, seed=seed)
+        return OddFrameDataset(
+            processor, **shape, size=data.frame_size, seed=seed, mix=data.odd_frame_mix or None
         )
     if data.kind == "passkey":
         return PasskeyDataset(processor, num_samples=data.num_samples, words=data.text_words, seed=seed)

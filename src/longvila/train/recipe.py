@@ -30,6 +30,19 @@ DATA_KINDS = ("manifest", "needle", "odd_frame", "passkey", "packed_text", "rl_t
 ODD_FRAME_KINDS = ("colour", "digit", "shape", "shape_colour", "two_digits", "digit_sum")
 """Needle kinds of `data.kind: odd_frame` (`data.odd_frame_mix` keys): the flat colour (the trained V-NIAH
 needle) and the kinds of `longvila.data.synthetic.odd_frame_probe`."""
+
+
+def check_odd_frame_mix(mix: dict[str, float], what: str) -> None:
+    """Raise ValueError naming `what` unless `mix` maps kinds of ODD_FRAME_KINDS to shares >= 0 with a
+    positive sum."""
+    unknown = sorted(set(mix) - set(ODD_FRAME_KINDS))
+    if unknown:
+        raise ValueError(f"{what}: unknown kind(s) {unknown}; choose from {ODD_FRAME_KINDS}")
+    shares = [float(v) for v in mix.values()]
+    if not shares or min(shares) < 0 or sum(shares) <= 0:
+        raise ValueError(f"{what}: shares must be >= 0 with a positive sum, got {mix}")
+
+
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -149,14 +162,8 @@ class DataSection:
             raise ValueError(f"data.min_frames {self.min_frames} exceeds data.num_frames {self.num_frames}")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"data.fps must be > 0, got {self.fps}")
-        unknown = sorted(set(self.odd_frame_mix) - set(ODD_FRAME_KINDS))
-        if unknown:
-            raise ValueError(f"data.odd_frame_mix: unknown kind(s) {unknown}; choose from {ODD_FRAME_KINDS}")
-        shares = [float(v) for v in self.odd_frame_mix.values()]
-        if shares and (min(shares) < 0 or sum(shares) <= 0):
-            raise ValueError(
-                f"data.odd_frame_mix: shares must be >= 0 with a positive sum, got {self.odd_frame_mix}"
-            )
+        if self.odd_frame_mix:
+            check_odd_frame_mix(self.odd_frame_mix, "data.odd_frame_mix")
 
 
 @dataclass(kw_only=True)
