@@ -9,6 +9,7 @@ import sys
 
 from _chat_cases import chat_case
 from _launch import run_distributed
+from _torchrun import TORCHRUN, run_command
 
 
 def test_chat_session_under_sp_answers_as_one_process():
@@ -38,11 +39,9 @@ def test_ask_cli_under_torchrun_prints_the_single_process_answer(tmp_path):
     single = subprocess.run([sys.executable, *ask], capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     assert single.stdout.strip()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    parallel = subprocess.run([*torchrun, *ask, "--ring", "2"], capture_output=True, text=True, timeout=300)
+    torchrun = [*TORCHRUN, "--nproc-per-node", "2"]
+    parallel = run_command([*torchrun, *ask, "--ring", "2"], timeout=300)
     assert parallel.returncode == 0, parallel.stderr[-3000:]
     assert parallel.stdout == single.stdout  # printed once, by rank 0
-    chat = subprocess.run(
-        [*torchrun, *ask, "--ring", "2", "--chat"], capture_output=True, text=True, timeout=300
-    )
+    chat = run_command([*torchrun, *ask, "--ring", "2", "--chat"], timeout=300)
     assert chat.returncode != 0 and "--chat" in chat.stderr

@@ -41,6 +41,7 @@ def test_eval_niah_cli_under_torchrun_writes_the_single_process_cells(tmp_path):
     import sys
 
     from _models import lively_checkpoint
+    from _torchrun import TORCHRUN, run_command
 
     ckpt = lively_checkpoint(tmp_path / "ckpt")
     grid = ["--frames", "4,8", "--depths", "0,100", "--num-needles", "2", "--model", str(ckpt)]
@@ -49,11 +50,8 @@ def test_eval_niah_cli_under_torchrun_writes_the_single_process_cells(tmp_path):
         [sys.executable, *cli, "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300
     )
     assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    parallel = subprocess.run(
-        [*torchrun, *cli, "--ulysses", "2", "--out", str(tmp_path / "sp")],
-        capture_output=True,
-        text=True,
+    parallel = run_command(
+        [*TORCHRUN, "--nproc-per-node", "2", *cli, "--ulysses", "2", "--out", str(tmp_path / "sp")],
         timeout=300,
     )
     assert parallel.returncode == 0, parallel.stderr[-3000:]

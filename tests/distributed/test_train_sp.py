@@ -2,9 +2,10 @@
 Ulysses 2) follows the same loss curve as the same run in one process, step for step."""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from _torchrun import TORCHRUN, run_command
 
 from longvila.train.metrics import read_metrics
 
@@ -20,14 +21,14 @@ def _run(root: Path, name: str, launcher: list[str], *extra: str) -> list[float]
     cmd = [*launcher, "-m", "longvila.cli", "train", "--recipe", "tiny/stage5", "--run.root", str(root),
            "--run.name", name, *SMALL, *extra]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    done = run_command(cmd, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return [r["loss"] for r in read_metrics(root / name / "metrics.jsonl")]
 
 
 def test_mmsp_training_on_4_ranks_matches_one_process(tmp_path):
     single = _run(tmp_path, "single", [sys.executable])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+    torchrun = [*TORCHRUN, "--nproc-per-node", "4"]
     parallel = _run(tmp_path, "sp", torchrun, "--parallel.ulysses_degree", "2", "--parallel.ring_degree", "2")
     assert len(single) == len(parallel) == STEPS
     for a, b in zip(parallel, single):
@@ -36,7 +37,7 @@ def test_mmsp_training_on_4_ranks_matches_one_process(tmp_path):
 
 def test_fsdp2_mmsp_training_on_4_ranks_matches_one_process(tmp_path):
     single = _run(tmp_path, "single", [sys.executable])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+    torchrun = [*TORCHRUN, "--nproc-per-node", "4"]
     sharded = _run(tmp_path, "fsdp", torchrun, "--parallel.ulysses_degree", "2", "--parallel.ring_degree", "2",
                    "--parallel.fsdp", "true", "--checkpoint.save_final", "true")  # fmt: skip
     assert len(single) == len(sharded) == STEPS
@@ -55,7 +56,7 @@ def test_dp2_x_sp2_training_on_4_ranks_matches_one_process(tmp_path):
     batch's on both sides."""
     batch = ("--data.batch_size", "2", "--train.global_batch_size", "4")
     single = _run(tmp_path, "single", [sys.executable], *batch)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+    torchrun = [*TORCHRUN, "--nproc-per-node", "4"]
     hybrid = _run(
         tmp_path, "dp2sp2", torchrun, *batch, "--parallel.ulysses_degree", "2", "--parallel.ring_degree", "1"
     )

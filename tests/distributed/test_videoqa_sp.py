@@ -4,8 +4,9 @@ alone writes and reports), and resumes the same way."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
+
+from _torchrun import TORCHRUN, run_command
 
 
 def test_eval_videoqa_under_torchrun_matches_one_process(tmp_path):
@@ -20,12 +21,10 @@ def test_eval_videoqa_under_torchrun_matches_one_process(tmp_path):
         handle.write(json.dumps({**missing, "options": ["A. red", "B. blue"], "answer": "A"}) + "\n")
     cli = ["-m", "longvila.cli", "eval", "videoqa", "--model", str(ckpt), "--data", str(data), "--frames", "3",
            "--no-progress"]  # fmt: skip
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    torchrun = [*TORCHRUN, "--nproc-per-node", "2"]
 
     def run(prefix, out, *extra):
-        done = subprocess.run(
-            [*prefix, *cli, "--out", str(out), *extra], capture_output=True, text=True, timeout=300
-        )
+        done = run_command([*prefix, *cli, "--out", str(out), *extra], timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         return done, [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
 
