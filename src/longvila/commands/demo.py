@@ -2,8 +2,8 @@
 
 1. synthetic data (`longvila.data.synthetic`): captions, short-video QA, passkey text;
 2. the five tiny stages (`recipes/tiny/stage{1..5}.yaml`), each starting from the previous one's export:
-   projector alignment, pre-training, short SFT ("what does the odd frame show": flat colours and shapes
-   in 1..4-frame clips), text-only context extension (LoRA, RoPE base 10^4 -> 10^6, merged), long SFT on
+   projector alignment, pre-training, short SFT ("what does the odd frame show": flat colours, shapes and
+   tints in 1..4-frame clips), text-only context extension (LoRA, RoPE base 10^4 -> 10^6, merged), long SFT on
    the same odd-frame task in haystacks of 1..32 frames, log-uniform;
 3. V-NIAH on the exported stage-5 model over frame counts up to 4x the training length and depths
    0..100 %, twice: with the **trained** needle (a flat colour frame and the stage-5 question: the
@@ -173,7 +173,8 @@ HELD_OUT = {
     "(number, shape, colour, order, sum)",
     "haystack": "grey noise frames from their own seed stream, never a training sample",
     "trained_skill": "stages 3 and 5 train 'say what the odd frame shows' on flat colours (all ten colour "
-    "names) and on shapes (which shape, which colour) in the training inks, at random sizes and places "
+    "names), on shapes (which shape, which colour) in the training inks, at random sizes and places, and on "
+    "tints (a colour other than white and black thinned with 0-60 % white, one flat frame: which colour) "
     "(longvila.train.data.ODD_FRAME_MIX unless a recipe sets data.odd_frame_mix); digits, words and digit "
     "pairs are not trained",
 }
