@@ -45,13 +45,20 @@ FULL = {
     "num_needles": 10,
     "heldout_per_kind": 2,
 }
+_NO_SHAPE_OR_TINT = {"shape": 0.0, "tint": 0.0}  # overrides merge into a recipe's mix: drop these by name
 COLOUR_ONLY = {
-    3: {"run": {"num_threads": 1}, "data": {"odd_frame_mix": {"colour": 0.3, "shape_colour": 0.7}}},
-    5: {"run": {"num_threads": 1}, "data": {"odd_frame_mix": {"colour": 0.55, "shape_colour": 0.45}}},
+    3: {
+        "run": {"num_threads": 1},
+        "data": {"odd_frame_mix": {"colour": 0.3, "shape_colour": 0.7, **_NO_SHAPE_OR_TINT}},
+    },
+    5: {
+        "run": {"num_threads": 1},
+        "data": {"odd_frame_mix": {"colour": 0.55, "shape_colour": 0.45, **_NO_SHAPE_OR_TINT}},
+    },
 }
 """`recipe_overrides` of the colour-only curriculum (scripts/demo_niah_seeds.py --colour-only, with stage
-steps 3: 500, 5: 800): no shape names, most of stage 3 on a shape's colour. It names held-out inks on
-more seeds than the default mix but leaves stage 6 less to learn (docs/evaluation.md)."""
+steps 3: 500, 5: 800): no shape names, no tints, most of stage 3 on a shape's colour; measured beside the
+default in docs/evaluation.md."""
 QUICK = {
     "steps": {1: 2, 2: 2, 3: 2, 4: 2, 5: 10, 6: 2},
     "rl": {"sft_steps": 2, "heldout_questions": 8, "train_questions": 16, "sft_questions": 8},
@@ -173,10 +180,10 @@ HELD_OUT = {
     "(number, shape, colour, order, sum)",
     "haystack": "grey noise frames from their own seed stream, never a training sample",
     "trained_skill": "stages 3 and 5 train 'say what the odd frame shows' on flat colours (all ten colour "
-    "names), on shapes (which shape, which colour) in the training inks, at random sizes and places, and on "
-    "tints (a colour other than white and black thinned with 0-60 % white, one flat frame: which colour) "
-    "(longvila.train.data.ODD_FRAME_MIX unless a recipe sets data.odd_frame_mix); digits, words and digit "
-    "pairs are not trained",
+    "names), on shapes in the training inks at random sizes and places (which colour; which shape in stage 3 "
+    "only), and on tints (a colour other than white and black thinned with 0-60 % white, one flat frame: "
+    "which colour) (each stage's data.odd_frame_mix, by default longvila.train.data.ODD_FRAME_MIX); digits, "
+    "words and digit pairs are not trained",
 }
 """What `niah_heldout` holds out relative to training (report.json, docs/evaluation.md)."""
 
