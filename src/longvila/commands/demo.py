@@ -43,7 +43,7 @@ FULL = {
     "frame_counts": [8, 16, 32, 64, 128],
     "depths": [0.0, 0.25, 0.5, 0.75, 1.0],
     "num_needles": 10,
-    "heldout_per_kind": 2,
+    "heldout_per_kind": 4,  # held-out probes per kind (2 were too few to tell transfer from chance)
 }
 _NO_SHAPE_OR_TINT = {"shape": 0.0, "tint": 0.0}  # overrides merge into a recipe's mix: drop these by name
 COLOUR_ONLY = {
@@ -182,8 +182,8 @@ HELD_OUT = {
     "trained_skill": "stages 3 and 5 train 'say what the odd frame shows' on flat colours (all ten colour "
     "names), on shapes in the training inks at random sizes and places (which colour; which shape in stage 3 "
     "only), and on tints (a colour other than white and black thinned with 0-60 % white, one flat frame: "
-    "which colour) (each stage's data.odd_frame_mix, by default longvila.train.data.ODD_FRAME_MIX); digits, "
-    "words and digit pairs are not trained",
+    "which colour) (each stage's data.odd_frame_mix, by default longvila.train.data.ODD_FRAME_MIX); digits "
+    "in the training inks are 5 % of stage 5 (not learned); words and digit pairs are not trained",
 }
 """What `niah_heldout` holds out relative to training (report.json, docs/evaluation.md)."""
 
