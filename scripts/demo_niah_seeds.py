@@ -6,8 +6,11 @@ For each seed S this runs what `longvila demo --seed S --out OUT/seedS` runs up 
 two V-NIAH sweeps (data, stages 1..5, `niah_trained`, `niah_heldout`; a stage already exported there is
 reused, so a demo's folder can be pointed at), writes OUT/seedS/niah_report.json and prints one
 markdown row per seed: the trained needle by frame count and each held-out kind beside its chance level
-(the table in docs/evaluation.md). `--heldout-per-kind N` asks more held-out probes than the demo does
-(a tighter estimate; the demo itself is unchanged).
+(the table in docs/evaluation.md). `--heldout-per-kind N` asks N held-out probes per kind instead of
+the demo's 4 (the demo itself is unchanged). `--mix3`/`--mix5` (a JSON mix; kinds left out get
+share 0) and `--steps3`/`--steps5` try another curriculum, e.g.
+
+    PYTHONPATH=src python scripts/demo_niah_seeds.py --out /tmp/v --mix5 '{"colour": 0.5, "tint": 0.5}'
 """
 
 from __future__ import annotations
