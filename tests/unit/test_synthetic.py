@@ -281,3 +281,57 @@ def test_odd_frame_mix_comes_from_the_recipe_and_samples_are_seeded():
         load_recipe("tiny/stage3", {"data": {"odd_frame_mix": {"colour": -1.0, "digit": 2.0}}})
     # Another data kind ignores the mix, so `--data.kind needle` on tiny/stage5 still loads.
     assert load_recipe("tiny/stage5", {"data": {"kind": "needle"}}).data.kind == "needle"
+
+
+def _white_shares(pixel: np.ndarray, base: tuple[int, int, int], jitter: int) -> tuple[float, float]:
+    """The interval of white shares w for which every channel of `pixel` is within `jitter` (+ rounding) of
+    (1 - w) * base + w * 255 (channels at the 250 cap only bound w from below): empty when lo > hi."""
+    lo, hi = -np.inf, np.inf
+    for value, b in zip(pixel.tolist(), base):
+        if b >= 255:
+            continue
+        # value = b + w (255 - b) + offset, |offset| <= jitter + 0.5; a capped channel says only "at least".
+        w_low = (value - jitter - 0.5 - b) / (255 - b)
+        w_high = np.inf if value >= 250 else (value + jitter + 0.5 - b) / (255 - b)
+        lo, hi = max(lo, w_low), min(hi, w_high)
+    return lo, hi
+
+
+def test_tint_frames_are_a_named_colour_thinned_with_white_never_a_drawn_ink():
+    """`tint` odd frames: one flat frame, the answer a colour name other than white and black (the held-out
+    inks' names among them), its pixel that colour mixed with 0..60 % white within the stated jitter, no pure
+    white pixel (so never an ink drawn on white, as the held-out needles are) and a training wording."""
+    from longvila.data.synthetic import (
+        HELDOUT_INKS,
+        HELDOUT_QUESTIONS,
+        ODD_FRAME_QUESTIONS,
+        TINT_JITTER,
+        TINT_WHITE,
+        odd_frame_probe,
+        tint_image,
+    )
+
+    assert (TINT_WHITE, TINT_JITTER) == ((0.0, 0.6), 12)  # the stated ranges, checked below independently
+
+    rng = np.random.default_rng(11)
+    answers, shares = set(), []
+    for _ in range(300):
+        probe = odd_frame_probe("tint", rng, 64)
+        (image,) = probe["images"]
+        assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+        assert (image == image[0, 0]).all()  # flat: no shape, no white ground
+        assert not (image == 255).all(-1).any()
+        assert probe["question"] in ODD_FRAME_QUESTIONS["tint"]
+        assert probe["question"] not in HELDOUT_QUESTIONS.values()
+        answer = probe["answer"]
+        assert answer in COLOURS and answer not in ("white", "black")
+        answers.add(answer)
+        lo, hi = _white_shares(image[0, 0], COLOURS[answer], jitter=12)
+        assert max(lo, 0.0) <= min(hi, 0.6), (answer, image[0, 0], lo, hi)  # some share in 0..60 % fits
+        shares.append((lo + hi) / 2 if np.isfinite(hi) else lo)
+    assert answers == set(COLOURS) - {"white", "black"} and set(HELDOUT_INKS) <= answers
+    # The white share spans its range: some frames nearly flat, some more than half white.
+    assert min(shares) < 0.1 and max(shares) > 0.45
+    # tint_image itself: no white is the flat colour, all white is capped below pure white.
+    assert (tint_image("orange", 8, 0.0) == COLOURS["orange"]).all()
+    assert (tint_image("purple", 8, 1.0) == 250).all()

@@ -2,8 +2,8 @@
 
 1. synthetic data (`longvila.data.synthetic`): captions, short-video QA, passkey text;
 2. the five tiny stages (`recipes/tiny/stage{1..5}.yaml`), each starting from the previous one's export:
-   projector alignment, pre-training, short SFT ("what does the odd frame show": flat colours and shapes
-   in 1..4-frame clips), text-only context extension (LoRA, RoPE base 10^4 -> 10^6, merged), long SFT on
+   projector alignment, pre-training, short SFT ("what does the odd frame show": flat colours, shapes and
+   tints in 1..4-frame clips), text-only context extension (LoRA, RoPE base 10^4 -> 10^6, merged), long SFT on
    the same odd-frame task in haystacks of 1..32 frames, log-uniform;
 3. V-NIAH on the exported stage-5 model over frame counts up to 4x the training length and depths
    0..100 %, twice: with the **trained** needle (a flat colour frame and the stage-5 question: the
@@ -43,15 +43,22 @@ FULL = {
     "frame_counts": [8, 16, 32, 64, 128],
     "depths": [0.0, 0.25, 0.5, 0.75, 1.0],
     "num_needles": 10,
-    "heldout_per_kind": 2,
+    "heldout_per_kind": 4,  # held-out probes per kind (2 were too few to tell transfer from chance)
 }
+_NO_SHAPE_OR_TINT = {"shape": 0.0, "tint": 0.0}  # overrides merge into a recipe's mix: drop these by name
 COLOUR_ONLY = {
-    3: {"run": {"num_threads": 1}, "data": {"odd_frame_mix": {"colour": 0.3, "shape_colour": 0.7}}},
-    5: {"run": {"num_threads": 1}, "data": {"odd_frame_mix": {"colour": 0.55, "shape_colour": 0.45}}},
+    3: {
+        "run": {"num_threads": 1},
+        "data": {"odd_frame_mix": {"colour": 0.3, "shape_colour": 0.7, **_NO_SHAPE_OR_TINT}},
+    },
+    5: {
+        "run": {"num_threads": 1},
+        "data": {"odd_frame_mix": {"colour": 0.55, "shape_colour": 0.45, **_NO_SHAPE_OR_TINT}},
+    },
 }
 """`recipe_overrides` of the colour-only curriculum (scripts/demo_niah_seeds.py --colour-only, with stage
-steps 3: 500, 5: 800): no shape names, most of stage 3 on a shape's colour. It names held-out inks on
-more seeds than the default mix but leaves stage 6 less to learn (docs/evaluation.md)."""
+steps 3: 500, 5: 800): no shape names, no tints, most of stage 3 on a shape's colour; measured beside the
+default in docs/evaluation.md."""
 QUICK = {
     "steps": {1: 2, 2: 2, 3: 2, 4: 2, 5: 10, 6: 2},
     "rl": {"sft_steps": 2, "heldout_questions": 8, "train_questions": 16, "sft_questions": 8},
@@ -173,9 +180,10 @@ HELD_OUT = {
     "(number, shape, colour, order, sum)",
     "haystack": "grey noise frames from their own seed stream, never a training sample",
     "trained_skill": "stages 3 and 5 train 'say what the odd frame shows' on flat colours (all ten colour "
-    "names) and on shapes (which shape, which colour) in the training inks, at random sizes and places "
-    "(longvila.train.data.ODD_FRAME_MIX unless a recipe sets data.odd_frame_mix); digits, words and digit "
-    "pairs are not trained",
+    "names), on shapes in the training inks at random sizes and places (which colour; which shape in stage 3 "
+    "only), and on tints (a colour other than white and black thinned with 0-60 % white, one flat frame: "
+    "which colour) (each stage's data.odd_frame_mix, by default longvila.train.data.ODD_FRAME_MIX); digits "
+    "in the training inks are 5 % of stage 5 (not learned); words and digit pairs are not trained",
 }
 """What `niah_heldout` holds out relative to training (report.json, docs/evaluation.md)."""
 

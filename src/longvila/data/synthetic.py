@@ -434,6 +434,12 @@ ODD_FRAME_QUESTIONS = {
         "Read the numbers on the two odd frames, in order. Answer like 3 7.",
         "What numbers do the two odd frames show, in order?",
     ),
+    "tint": (
+        "One frame of this video is a pale colour. Which colour is it? Answer with one word.",
+        "Name the colour of the odd frame, however pale. Answer with one word.",
+        "What colour is the odd frame washed with?",
+        "Which colour tints the odd picture? Answer with one word.",
+    ),
     "digit_sum": (
         "Two frames of this video show numbers. Give the sum of the two numbers.",
         "Add the numbers on the two odd frames. What is the sum?",
@@ -442,6 +448,26 @@ ODD_FRAME_QUESTIONS = {
 }
 """Training wordings of the odd-frame kinds (stage 5), several per kind so the model keys on the
 question's meaning rather than one sentence; the evaluation asks `HELDOUT_QUESTIONS` instead."""
+
+
+TINT_COLOURS = tuple(c for c in COLOUR_NAMES if c not in ("white", "black"))
+"""Base colours of the `tint` odd frames: every colour name but white and black (white mixed with white is
+white; black mixed with white is grey, which is not named), the held-out inks' names included -- flat frames
+of those are trained anyway (the flat-colour needle), and a tint frame is flat, never an ink on white."""
+TINT_WHITE = (0.0, 0.6)
+"""Range of the share of white mixed into a `tint` frame (uniform)."""
+TINT_JITTER = 12
+"""Largest per-channel offset (uniform, in 0..255 levels) added to a `tint` frame's colour."""
+
+
+def tint_image(colour: str, size: int, white: float, offset: tuple[int, int, int] = (0, 0, 0)) -> np.ndarray:
+    """(size, size, 3) uint8: the named `colour` mixed with white (255) in the share `white` (0: the flat
+    colour, 1: white), plus a per-channel `offset`, one flat frame. Channels are clipped to 0..250 so no
+    pixel is the pure white that the held-out needles' ground is made of."""
+    base = np.array(COLOURS[colour], dtype=np.float64)
+    rgb = (1.0 - white) * base + white * 255.0 + np.asarray(offset, dtype=np.float64)
+    pixel = np.clip(np.round(rgb), 0, 250).astype(np.uint8)
+    return np.broadcast_to(pixel, (size, size, 3)).copy()
 
 
 def ink_colour(rng: np.random.Generator, heldout: bool) -> str:
@@ -514,7 +540,10 @@ def odd_frame_probe(kind: str, rng: np.random.Generator, size: int) -> dict:
     """One training odd-frame probe of `kind` (a key of ODD_FRAME_QUESTIONS): {"images": [uint8
     (size, size, 3)] (two for MULTI_NEEDLE_KINDS), "question", "answer"}.
 
-    Digits and shapes are drawn on white in one of TRAINING_INKS at a random size and place; the question is one of the kind's training wordings."""
+    Digits and shapes are drawn on white in one of TRAINING_INKS at a random size and place; a `tint` is
+    one flat frame of a colour of TINT_COLOURS mixed with a random share (TINT_WHITE) of white and
+    jittered per channel (TINT_JITTER), answered with the colour's name ("ink thinned with white is
+    still named by the ink"); the question is one of the kind's training wordings."""
     question = _pick(rng, ODD_FRAME_QUESTIONS[kind])
     if kind == "digit":
         digit = int(rng.integers(10))
@@ -528,6 +557,11 @@ def odd_frame_probe(kind: str, rng: np.random.Generator, size: int) -> dict:
             "question": question,
             "answer": answer,
         }
+    if kind == "tint":
+        colour = _pick(rng, TINT_COLOURS)
+        white = float(rng.uniform(*TINT_WHITE))
+        offset = tuple(int(v) for v in rng.integers(-TINT_JITTER, TINT_JITTER + 1, 3))
+        return {"images": [tint_image(colour, size, white, offset)], "question": question, "answer": colour}
     if kind in MULTI_NEEDLE_KINDS:
         a, b = (int(d) for d in rng.integers(10, size=2))
         answer = f"{a} {b}" if kind == "two_digits" else str(a + b)

@@ -73,12 +73,14 @@ class NeedleDataset(torch.utils.data.Dataset):
         return self.processor(needle_messages(frames, colour), num_frames=num)
 
 
-ODD_FRAME_MIX = {"colour": 0.45, "shape": 0.25, "shape_colour": 0.3}
+ODD_FRAME_MIX = {"colour": 0.3, "digit": 0.05, "shape_colour": 0.4, "tint": 0.25}
 """Default share of each needle kind in the `odd_frame` task (a recipe's `data.odd_frame_mix` replaces it):
 the flat colour (the trained V-NIAH needle, with NEEDLE_QUESTION) and the odd-frame kinds of
-`longvila.data.synthetic.odd_frame_probe` (`ODD_FRAME_KINDS` lists every drawable kind). The demo's
-stages 3 and 5 use it; docs/evaluation.md compares it with a colour-only mix that transfers to held-out
-inks on more seeds but leaves stage 6 less to learn."""
+`longvila.data.synthetic.odd_frame_probe` (`ODD_FRAME_KINDS` lists every drawable kind). The demo's stage 5
+uses it; its stage 3 (`recipes/tiny/stage3.yaml`) has "which shape" at 0.1 instead of digits. `tint` (a
+colour thinned with white, one flat frame) is what makes held-out inks on a shape transfer; "which shape"
+in stage 5 made the model answer colour questions with shape names; a few digits keep a drawn item in every
+stage, which the held-out check compares with the held-out needles (docs/evaluation.md)."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class OddFrameDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.mix = mix = dict(mix or ODD_FRAME_MIX)
         check_odd_frame_mix(mix, "odd-frame mix")
-        self.kinds = tuple(mix)
+        self.kinds = tuple(mix)  # in the mix's order: the same shares in another order draw other kinds
         weights = np.array([mix[k] for k in self.kinds], dtype=np.float64)
         self.cumulative = np.cumsum(weights / weights.sum())
 

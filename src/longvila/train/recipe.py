@@ -27,7 +27,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 """Packaged recipes (`recipes/` at the repository root links here)."""
 
 DATA_KINDS = ("manifest", "needle", "odd_frame", "passkey", "packed_text", "rl_task")
-ODD_FRAME_KINDS = ("colour", "digit", "shape", "shape_colour", "two_digits", "digit_sum")
+ODD_FRAME_KINDS = ("colour", "digit", "shape", "shape_colour", "tint", "two_digits", "digit_sum")
 """Needle kinds of `data.kind: odd_frame` (`data.odd_frame_mix` keys): the flat colour (the trained V-NIAH
 needle) and the kinds of `longvila.data.synthetic.odd_frame_probe`."""
 
