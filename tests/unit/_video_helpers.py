@@ -6,6 +6,7 @@ frame): flat areas survive lossy coding in every codec, so reading the code back
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -72,8 +73,25 @@ def write_video(
     container_options: dict[str, str] | None = None,
     frame_fn=code_frame,
 ) -> Path:
-    """Encode frames `frame_fn(i)`; `durations_ms` gives each frame's duration (variable rate)."""
-    path = Path(path)
+    """Encode frames `frame_fn(i)`; `durations_ms` gives each frame's duration (variable rate).
+
+    The calling thread's scheduling policy is restored afterwards: SVT-AV1 (libsvtav1), run as root, turns
+    it into real-time SCHED_FIFO, which every process started later inherits; on a 2-core machine two
+    busy-waiting FIFO threads (gloo's, in a torchrun test run later by the same pytest worker) then starve
+    everything else forever."""
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        return _encode(
+            Path(path), num_frames, codec, rate, durations_ms, rotation, options, container_options, frame_fn
+        )
+    finally:
+        if os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, param)
+
+
+def _encode(
+    path, num_frames, codec, rate, durations_ms, rotation, options, container_options, frame_fn
+) -> Path:
     opts = dict(CODECS.get(codec, ("", {}))[1])
     opts.update(options or {})
     with av.open(str(path), "w", options=container_options or {}) as container:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -500,3 +501,15 @@ def test_resize_while_converting_is_opt_in_and_close_to_the_torch_resize(videos,
     if "opencv" in available_backends():
         with pytest.raises(ValueError, match="needs backend 'pyav'"):
             decode_frames(videos["libx264"], num_frames=2, size=(32, 32), backend="opencv")
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_encoding_leaves_the_scheduling_policy_as_it_was(tmp_path, codec):
+    """SVT-AV1 run as root makes the calling thread real-time (SCHED_FIFO); every process the pytest
+    worker starts afterwards inherits it, and busy-waiting FIFO threads (a torchrun test's gloo ranks)
+    then starve the rest of a 2-core machine forever. `write_video` restores the policy."""
+    if codec not in available_encoders():
+        pytest.skip(f"{codec} is not in this PyAV build")
+    before = (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority)
+    write_video(tmp_path / f"v{CODECS[codec][0]}", 12, codec=codec)
+    assert (os.sched_getscheduler(0), os.sched_getparam(0).sched_priority) == before
