@@ -6,6 +6,7 @@ frame): flat areas survive lossy coding in every codec, so reading the code back
 
 from __future__ import annotations
 
+import contextlib
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -62,6 +63,17 @@ CODECS: dict[str, tuple[str, dict[str, str]]] = {
 }
 
 
+@contextlib.contextmanager
+def _scheduling_policy_kept():
+    """Restore the calling thread's scheduling policy on leaving (see `write_video`)."""
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if os.sched_getscheduler(0) != policy:
+            os.sched_setscheduler(0, policy, param)
+
+
 def write_video(
     path: str | Path,
     num_frames: int = 30,
@@ -79,44 +91,33 @@ def write_video(
     it into real-time SCHED_FIFO, which every process started later inherits; on a 2-core machine two
     busy-waiting FIFO threads (gloo's, in a torchrun test run later by the same pytest worker) then starve
     everything else forever."""
-    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
-    try:
-        return _encode(
-            Path(path), num_frames, codec, rate, durations_ms, rotation, options, container_options, frame_fn
-        )
-    finally:
-        if os.sched_getscheduler(0) != policy:
-            os.sched_setscheduler(0, policy, param)
-
-
-def _encode(
-    path, num_frames, codec, rate, durations_ms, rotation, options, container_options, frame_fn
-) -> Path:
-    opts = dict(CODECS.get(codec, ("", {}))[1])
-    opts.update(options or {})
-    with av.open(str(path), "w", options=container_options or {}) as container:
-        stream = container.add_stream(codec, rate=rate, options=opts)
-        stream.width = stream.height = SIZE
-        stream.pix_fmt = "yuv420p"
-        if codec == "mpeg4":
-            stream.codec_context.qmin = stream.codec_context.qmax = 2
-        if durations_ms is not None:
-            stream.codec_context.time_base = Fraction(1, 1000)
-        if rotation is not None:
-            stream.set_display_rotation(rotation)
-        t = 0
-        for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(frame_fn(i), format="rgb24")
+    path = Path(path)
+    with _scheduling_policy_kept():
+        opts = dict(CODECS.get(codec, ("", {}))[1])
+        opts.update(options or {})
+        with av.open(str(path), "w", options=container_options or {}) as container:
+            stream = container.add_stream(codec, rate=rate, options=opts)
+            stream.width = stream.height = SIZE
+            stream.pix_fmt = "yuv420p"
+            if codec == "mpeg4":
+                stream.codec_context.qmin = stream.codec_context.qmax = 2
             if durations_ms is not None:
-                frame.pts, frame.time_base = t, Fraction(1, 1000)
-                t += durations_ms[i % len(durations_ms)]
-            else:
-                frame.pts = i
-            for packet in stream.encode(frame):
+                stream.codec_context.time_base = Fraction(1, 1000)
+            if rotation is not None:
+                stream.set_display_rotation(rotation)
+            t = 0
+            for i in range(num_frames):
+                frame = av.VideoFrame.from_ndarray(frame_fn(i), format="rgb24")
+                if durations_ms is not None:
+                    frame.pts, frame.time_base = t, Fraction(1, 1000)
+                    t += durations_ms[i % len(durations_ms)]
+                else:
+                    frame.pts = i
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
                 container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+        return path
 
 
 def vfr_timestamps(num_frames: int, durations_ms: list[int]) -> np.ndarray:
